@@ -18,7 +18,7 @@ class DataFormatError(ValueError):
         self.message = message
         where = self.path if line is None else f"{self.path}:{line}"
         what = f" field '{field}'" if field else ""
-        super().__init__(f"{where}:{what} {message}".replace(": ", ": ", 1))
+        super().__init__(f"{where}:{what} {message}")
 
 
 class ConfigError(ValueError):
@@ -27,5 +27,6 @@ class ConfigError(ValueError):
     def __init__(self, source: str | Path, field: str | None, message: str) -> None:
         self.source = str(source)
         self.field = field
+        self.message = message
         what = f" field '{field}'" if field else ""
         super().__init__(f"{source}:{what} {message}")

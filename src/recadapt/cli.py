@@ -1,0 +1,144 @@
+"""Command line: ``recadapt data fetch|prepare``, ``recadapt train``, ``recadapt eval``, ``recadapt report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from recadapt.errors import ConfigError, DataFormatError
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from recadapt.data.fetch import fetch_dataset
+    from recadapt.paths import data_dir
+
+    path = fetch_dataset(args.name, data_dir(args.data_dir), url=args.url)
+    print(f"{args.name}: ready at {path}")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from recadapt.data.store import ensure_prepared, prepared_root
+
+    for protocol in args.protocol:
+        prepared = ensure_prepared(
+            args.dataset,
+            protocol,
+            data_root=args.data_dir,
+            out_root=args.out,
+            seed=args.seed,
+            force=args.force,
+        )
+        rows = ", ".join(f"{k} {len(v):,}" for k, v in prepared.parts.items())
+        print(
+            f"{args.dataset} / {protocol}: {rows} rows; {prepared.n_users:,} users, {prepared.n_items:,} items "
+            f"-> {prepared_root(args.out)}"
+        )
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from recadapt.train.config import load_config
+    from recadapt.train.crm import train_crm
+
+    overrides = list(args.overrides)
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    config = load_config(args.config, overrides)
+    payload = train_crm(config, resume=not args.restart)
+    print(f"run {config.run_dir}: best epoch {payload['best_epoch']}")
+    for name, est in payload["test"].items():
+        print(f"  test {name:<10} {est['value']:.4f}  95% CI [{est['low']:.4f}, {est['high']:.4f}]")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from recadapt.train.crm import evaluate_run
+
+    report = evaluate_run(Path(args.run_dir), part=args.part, n_boot=args.n_boot)
+    for name, est in report.items():
+        print(f"{args.part} {name:<10} {est}")
+    if args.json:
+        print(json.dumps({k: v.to_dict() for k, v in report.items()}))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from recadapt.report import write_crm_report
+
+    write_crm_report([Path(p) for p in args.runs], Path(args.out), title=args.title)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recadapt", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="fetch and prepare datasets").add_subparsers(
+        dest="data_command", required=True
+    )
+    fetch = data.add_parser("fetch", help="download a dataset from its original distributor and verify it")
+    fetch.add_argument("name", choices=["ml-100k"])
+    fetch.add_argument("--data-dir", help="data root (default: $RECADAPT_DATA or ~/.cache/recadapt/data)")
+    fetch.add_argument("--url", help="override the download URL (mirrors, tests)")
+    fetch.set_defaults(func=_cmd_fetch)
+
+    prep = data.add_parser("prepare", help="build and persist a protocol split (deterministic)")
+    prep.add_argument("--dataset", required=True, help="ml-100k, lastfm, ml-1m-ctr, ... or recbole:PATH/NAME")
+    prep.add_argument(
+        "--protocol", nargs="+", default=["next-item"], choices=["next-item", "ctr", "full-ranking"]
+    )
+    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--data-dir")
+    prep.add_argument("--out", help="prepared root (default ~/.cache/recadapt/prepared)")
+    prep.add_argument("--force", action="store_true", help="prepare again even if a matching split exists")
+    prep.set_defaults(func=_cmd_prepare)
+
+    train = sub.add_parser("train", help="train a model from a YAML config")
+    train.add_argument("--config", required=True)
+    train.add_argument("--data-dir")
+    train.add_argument(
+        "--restart", action="store_true", help="ignore an existing checkpoint in the run directory"
+    )
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the run's checkpoint (the default)"
+    )
+    train.add_argument(
+        "overrides", nargs="*", help="section.key=value, e.g. train.seed=1 data.dataset=lastfm"
+    )
+    train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a finished run")
+    ev.add_argument("run_dir")
+    ev.add_argument("--part", default="test", choices=["valid", "test"])
+    ev.add_argument("--n-boot", type=int, default=1000)
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=_cmd_eval)
+
+    rep = sub.add_parser("report", help="tabulate finished runs (mean +- std over seeds) with a plot")
+    rep.add_argument("runs", nargs="+", help="run directories")
+    rep.add_argument("--out", required=True, help="Markdown file; a .csv and a .png are written beside it")
+    rep.add_argument("--title", default="Results")
+    rep.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (DataFormatError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Dataset names -> readers: the one entry point the CLI and the protocols use to load data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from recadapt.data.readers import (
+    read_collm_ml1m,
+    read_lastfm,
+    read_ml100k,
+    read_movielens_llara_test,
+    read_recbole,
+    read_steam_llara_test,
+)
+from recadapt.data.schema import Dataset
+from recadapt.paths import data_dir as resolve_data_dir
+
+RECBOLE_PREFIX = "recbole:"
+
+READERS: dict[str, Callable[[Path], Dataset]] = {
+    "ml-100k": read_ml100k,
+    "lastfm": read_lastfm,
+    "ml-1m-ctr": read_collm_ml1m,
+    "movielens-llara-test": read_movielens_llara_test,
+    "steam-llara-test": read_steam_llara_test,
+}
+
+
+def known_datasets() -> list[str]:
+    """The names :func:`load_dataset` accepts (``recbole:PATH/NAME`` stands for any RecBole dataset)."""
+    return [*READERS, f"{RECBOLE_PREFIX}PATH/NAME"]
+
+
+def load_dataset(name: str, data_dir: Path | None = None) -> Dataset:
+    """Load a dataset by name from ``data_dir`` (default: :func:`recadapt.paths.data_dir`).
+
+    ``recbole:PATH/NAME`` reads RecBole atomic files from ``PATH/NAME`` (relative to the working directory, or
+    absolute) and ignores ``data_dir``. An unknown name raises ``ValueError`` listing the known ones.
+    """
+    if name.startswith(RECBOLE_PREFIX):
+        spec = name[len(RECBOLE_PREFIX) :]
+        if not spec:
+            raise ValueError(f"{name!r}: give the dataset as {RECBOLE_PREFIX}PATH/NAME")
+        return read_recbole(Path(spec))
+    reader = READERS.get(name)
+    if reader is None:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(known_datasets())}")
+    return reader(resolve_data_dir(data_dir))

@@ -1,0 +1,131 @@
+"""Results tables and plots from finished runs: mean +- std over seeds, each seed with its bootstrap CI."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recadapt.io import write_text_atomic
+
+REPORTED = {
+    "next-item": ("HR@1", "NDCG@10", "ValidRatio"),
+    "ctr": ("AUC", "LogLoss", "Accuracy"),
+    "full-ranking": ("HR@10", "NDCG@10", "MRR"),
+}
+
+
+def load_runs(run_dirs: list[Path]) -> list[dict[str, Any]]:
+    runs = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "metrics.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: run has not finished (no metrics.json)")
+        runs.append(json.loads(path.read_text(encoding="utf-8")))
+    return runs
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (dataset, protocol, model): per metric mean, std, and the per-seed values with CIs."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        groups[(run["dataset"], run["protocol"], run["model"])].append(run)
+    rows = []
+    for (dataset, protocol, model), members in sorted(groups.items()):
+        members.sort(key=lambda r: r["seed"])
+        row: dict[str, Any] = {
+            "dataset": dataset,
+            "protocol": protocol,
+            "model": model,
+            "seeds": [m["seed"] for m in members],
+            "test_samples": members[0]["test_samples"],
+        }
+        for metric in REPORTED[protocol]:
+            values = np.array([m["test"][metric]["value"] for m in members])
+            row[metric] = {
+                "mean": float(values.mean()),
+                "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                "per_seed": [m["test"][metric] for m in members],
+            }
+        rows.append(row)
+    return rows
+
+
+def _markdown(rows: list[dict[str, Any]], title: str) -> str:
+    out = [f"# {title}", ""]
+    by_task: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_task[(row["dataset"], row["protocol"])].append(row)
+    for (dataset, protocol), members in by_task.items():
+        metrics = REPORTED[protocol]
+        primary = metrics[0]
+        out += [f"## {dataset} / {protocol} ({members[0]['test_samples']} test samples)", ""]
+        out.append(
+            "| model | seeds | "
+            + " | ".join(f"{m} (mean ± std)" for m in metrics)
+            + f" | {primary} per seed [95% CI] |"
+        )
+        out.append("|---|---|" + "---|" * len(metrics) + "---|")
+        for row in members:
+            cells = [f"{row[m]['mean']:.4f} ± {row[m]['std']:.4f}" for m in metrics]
+            per_seed = "; ".join(
+                f"{e['value']:.4f} [{e['low']:.4f}, {e['high']:.4f}]" for e in row[primary]["per_seed"]
+            )
+            out.append(f"| {row['model']} | {len(row['seeds'])} | " + " | ".join(cells) + f" | {per_seed} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    lines = ["dataset,protocol,model,metric,mean,std,n_seeds,per_seed_values"]
+    for row in rows:
+        for metric in REPORTED[row["protocol"]]:
+            stats = row[metric]
+            seeds = " ".join(f"{e['value']:.6f}" for e in stats["per_seed"])
+            lines.append(
+                f"{row['dataset']},{row['protocol']},{row['model']},{metric},{stats['mean']:.6f},"
+                f"{stats['std']:.6f},{len(row['seeds'])},{seeds}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot_rows(rows: list[dict[str, Any]], path: Path) -> None:
+    """One panel per (dataset, protocol): the primary metric per model, seeds as dots, mean with std bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({(r["dataset"], r["protocol"]) for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
+    for ax, (dataset, protocol) in zip(axes[0], tasks, strict=False):
+        members = [r for r in rows if (r["dataset"], r["protocol"]) == (dataset, protocol)]
+        metric = REPORTED[protocol][0] if protocol != "full-ranking" else "NDCG@10"
+        x = np.arange(len(members))
+        means = [r[metric]["mean"] for r in members]
+        stds = [r[metric]["std"] for r in members]
+        ax.bar(x, means, yerr=stds, capsize=4, color="#8fb3d9", edgecolor="#2b5d8a")
+        for i, r in enumerate(members):
+            vals = [e["value"] for e in r[metric]["per_seed"]]
+            ax.scatter(np.full(len(vals), i), vals, color="#1b1b1b", s=10, zorder=3)
+        ax.set_xticks(x, [r["model"] for r in members], rotation=30, ha="right")
+        ax.set_title(f"{dataset}\n{protocol}", fontsize=9)
+        ax.set_ylabel(metric)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_crm_report(run_dirs: list[Path], out: Path, title: str = "Results") -> list[dict[str, Any]]:
+    """Write ``out`` (Markdown), ``out.csv`` and ``out.png`` from finished runs."""
+    rows = summarize(load_runs(run_dirs))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, _markdown(rows, title) + f"\n![{title}]({out.with_suffix('.png').name})\n")
+    write_text_atomic(out.with_suffix(".csv"), _csv(rows))
+    plot_rows(rows, out.with_suffix(".png"))
+    return rows

@@ -1,0 +1,1 @@
+"""Tasks: next-item, CTR and full ranking, and their metrics."""

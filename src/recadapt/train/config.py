@@ -1,0 +1,228 @@
+"""Typed run configuration: one YAML file plus ``key=value`` overrides.
+
+A run config has three sections, each a dataclass, and a free-form ``model`` mapping that the model's own config
+class validates. Unknown keys are errors that name the file and the dotted field, so a typo never silently falls
+back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from recadapt.errors import ConfigError
+
+PROTOCOLS = ("next-item", "ctr", "full-ranking")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "ml-100k"
+    protocol: str = "next-item"
+    data_dir: str | None = None  # None: $RECADAPT_DATA, else ~/.cache/recadapt/data
+    prepared_dir: str | None = None  # None: <cache>/prepared
+    split_seed: int = 0  # seed of the persisted split and candidates (kept fixed across training seeds)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 50
+    batch_size: int = 256
+    eval_batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_len: int = 10  # history items the model sees (the most recent ones)
+    patience: int = 5  # epochs without validation improvement before stopping; 0 disables early stopping
+    monitor: str = "auto"  # validation metric: auto = NDCG@10 (ranking) or AUC (ctr)
+    num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    n_boot: int = 1000  # bootstrap resamples for confidence intervals
+    max_steps_per_epoch: int = 0  # 0 = full epochs; a cap makes quick demo runs
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # run directory name under output_dir; empty: <model>-<dataset>-<protocol>-s<seed>
+    output_dir: str = "runs"
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "sasrec"})
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def model_name(self) -> str:
+        return str(self.model["name"])
+
+    @property
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        dataset = self.data.dataset.replace("recbole:", "").replace("/", "_")
+        return f"{self.model_name}-{dataset}-{self.data.protocol}-s{self.train.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, source: str, dotted: str) -> Any:
+    """Convert a YAML or command-line value to the annotated type, or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _coerce(value, options[0], source, dotted)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(source, dotted, f"expected true/false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(source, dotted, f"expected a number, got {value!r}")
+        try:
+            number = (
+                float(value)
+                if annotation is float
+                else int(str(value), 0)
+                if isinstance(value, str)
+                else value
+            )
+        except (TypeError, ValueError):
+            raise ConfigError(source, dotted, f"expected {annotation.__name__}, got {value!r}") from None
+        if annotation is int and not isinstance(number, int):
+            if isinstance(number, float) and number.is_integer():
+                return int(number)
+            raise ConfigError(source, dotted, f"expected an integer, got {value!r}")
+        return number
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(source, dotted, f"expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map each dotted key of a YAML mapping to its 1-based line, for error messages."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                dotted = prefix + str(key.value)
+                lines[dotted] = key.start_mark.line + 1
+                walk(value, dotted + ".")
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def _build(cls: type, raw: dict[str, Any], source: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(source, prefix + unknown[0], f"unknown field (known: {', '.join(sorted(known))})")
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        annotation = hints[name]
+        dotted = prefix + name
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                raise ConfigError(source, dotted, "expected a mapping")
+            kwargs[name] = _build(annotation, value, source, dotted + ".")
+        elif name == "model":
+            if not isinstance(value, dict) or "name" not in value:
+                raise ConfigError(source, dotted, "expected a mapping with a 'name'")
+            kwargs[name] = dict(value)
+        else:
+            kwargs[name] = _coerce(value, annotation, source, dotted)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value with YAML rules (``true``, ``[1, 2]``); numbers are coerced by the field type."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides to a raw config mapping (returns a new mapping)."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError("<command line>", item, "overrides look like section.key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError("<command line>", key, f"'{part}' is not a section")
+        node[parts[-1]] = _parse_scalar(text)
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (``None``: defaults only), apply overrides, validate types and names."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(source, None, f"cannot read: {exc.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}" if mark else "unknown line"
+            raise ConfigError(
+                source, None, f"invalid YAML at {where}: {getattr(exc, 'problem', exc)}"
+            ) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(source, None, "the top level must be a mapping")
+        lines = _key_lines(text)
+    else:
+        lines = {}
+    raw.setdefault("model", {"name": RunConfig().model_name})
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    try:
+        config = _build(RunConfig, raw, source)
+    except ConfigError as exc:
+        overridden = {o.split("=", 1)[0].strip() for o in overrides or []}
+        if exc.field in overridden:
+            raise ConfigError("<command line>", exc.field, exc.message) from None
+        line = lines.get(exc.field or "")
+        raise ConfigError(f"{source}:{line}" if line else source, exc.field, exc.message) from None
+    if config.data.protocol not in PROTOCOLS:
+        raise ConfigError(
+            source, "data.protocol", f"must be one of {PROTOCOLS}, got {config.data.protocol!r}"
+        )
+    return config
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)

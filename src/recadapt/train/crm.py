@@ -1,0 +1,257 @@
+"""Training recipe for conventional recommenders (CRMs) under any of the three protocols.
+
+Resumable: after every epoch the model, optimizer, trainer state and RNG states are written atomically to
+``RUN_DIR/checkpoint``; the best model by the validation metric is kept in ``RUN_DIR/best`` (safetensors + JSON).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from recadapt.cf import CRM_REGISTRY, build_crm
+from recadapt.cf.checkpoint import load_crm, save_crm
+from recadapt.data.batching import expand_prefixes, pad_histories
+from recadapt.data.prepare import Prepared
+from recadapt.data.store import ensure_prepared
+from recadapt.errors import ConfigError
+from recadapt.io import atomic_directory, write_json_atomic
+from recadapt.tasks.evaluate import evaluate_crm, monitor_metric
+from recadapt.tasks.metrics import Estimate
+from recadapt.train.config import RunConfig, _coerce, save_config
+from recadapt.train.logger import RunLogger
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class TrainerState:
+    epoch: int = 0  # epochs completed
+    step: int = 0
+    best_value: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    finished: bool = False
+
+
+def training_tensors(prepared: Prepared, protocol: str, max_len: int) -> dict[str, torch.Tensor]:
+    """All training samples as padded tensors (built once; batches are index slices)."""
+    train = prepared.parts["train"]
+    pad = prepared.n_items
+    if protocol == "full-ranking":
+        history, target, rows = expand_prefixes(
+            train["history"], train["target"].to_numpy(), max_len, min_history=1, pad_id=pad, return_rows=True
+        )
+        users = train["user_id"].to_numpy(np.int64)[rows]
+        return {
+            k: torch.from_numpy(v) for k, v in (("history", history), ("target", target), ("user_id", users))
+        }
+    tensors = {
+        "history": torch.from_numpy(pad_histories(train["history"], max_len, pad)),
+        "target": torch.from_numpy(train["target"].to_numpy(np.int64)),
+        "user_id": torch.from_numpy(train["user_id"].to_numpy(np.int64)),
+    }
+    if protocol == "ctr":
+        tensors["label"] = torch.from_numpy(train["label"].to_numpy(np.float32))
+    return tensors
+
+
+def model_kwargs(config: RunConfig) -> dict[str, Any]:
+    """The model section without its name, coerced to the model config's field types."""
+    name = config.model_name
+    if name not in CRM_REGISTRY:
+        raise ConfigError(
+            "model.name", "model.name", f"unknown model {name!r}; known: {sorted(CRM_REGISTRY)}"
+        )
+    config_class = CRM_REGISTRY[name].config_class
+    hints = typing.get_type_hints(config_class)
+    known = {f.name for f in dataclasses.fields(config_class)}
+    kwargs = {}
+    for key, value in config.model.items():
+        if key == "name":
+            continue
+        if key not in known:
+            raise ConfigError(
+                "config", f"model.{key}", f"unknown field for {name} (known: {', '.join(sorted(known))})"
+            )
+        kwargs[key] = _coerce(value, hints[key], "config", f"model.{key}")
+    return kwargs
+
+
+def _save_checkpoint(run_dir: Path, model, optimizer, state: TrainerState) -> None:
+    with atomic_directory(run_dir / "checkpoint") as tmp:
+        save_crm(model, tmp / "model")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state)), encoding="utf-8")
+
+
+def _load_checkpoint(run_dir: Path, model, optimizer) -> TrainerState:
+    ckpt = run_dir / "checkpoint"
+    restored = load_crm(ckpt / "model")
+    model.load_state_dict(restored.state_dict())
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
+    return TrainerState(**json.loads((ckpt / "state.json").read_text(encoding="utf-8")))
+
+
+def _flat(report: dict[str, Estimate], prefix: str) -> dict[str, float]:
+    return {f"{prefix}/{k}": v.value for k, v in report.items()}
+
+
+def train_crm(config: RunConfig, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Train, early-stop on validation, evaluate the best model on test; returns the metrics JSON payload."""
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    data, tc, protocol = config.data, config.train, config.data.protocol
+    prepared = ensure_prepared(
+        data.dataset, protocol, data_root=data.data_dir, out_root=data.prepared_dir, seed=data.split_seed
+    )
+    torch.manual_seed(tc.seed)
+    model = build_crm(
+        config.model_name, n_items=prepared.n_items, n_users=prepared.n_users, **model_kwargs(config)
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    state = TrainerState()
+    if resume and (run_dir / "checkpoint" / "state.json").exists():
+        state = _load_checkpoint(run_dir, model, optimizer)
+        log.info("resuming %s after epoch %d", run_dir, state.epoch)
+    if state.finished and (run_dir / "metrics.json").exists():
+        return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+
+    tensors = training_tensors(prepared, protocol, tc.max_len)
+    n_train = len(tensors["target"])
+    monitor = monitor_metric(protocol, tc.monitor)
+    logger = RunLogger(run_dir)
+    steps_per_epoch = math.ceil(n_train / tc.batch_size)
+    if tc.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, tc.max_steps_per_epoch)
+    started = time.time()
+    while state.epoch < tc.epochs and not state.finished:
+        model.train()
+        # the sample order depends only on (seed, epoch), so a resumed run sees the same batches
+        order = torch.randperm(
+            n_train, generator=torch.Generator().manual_seed(tc.seed * 100_003 + state.epoch)
+        )
+        total, bar = (
+            0.0,
+            tqdm(
+                range(steps_per_epoch),
+                desc=f"epoch {state.epoch + 1}/{tc.epochs}",
+                disable=not progress,
+                leave=False,
+            ),
+        )
+        for i in bar:
+            index = order[i * tc.batch_size : (i + 1) * tc.batch_size]
+            loss = model.loss({k: v[index] for k, v in tensors.items()})
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"{run_dir}: loss is {loss.item()} at epoch {state.epoch + 1}, step {state.step}; "
+                    "lower train.lr or check the data"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state.step += 1
+            total += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        state.epoch += 1
+        valid = evaluate_crm(
+            model,
+            prepared.parts["valid"],
+            protocol,
+            prepared.n_items,
+            tc.max_len,
+            tc.eval_batch_size,
+            n_boot=0,
+        )
+        value = valid[monitor].value
+        logger.log(state.epoch, {"train/loss": total / steps_per_epoch, **_flat(valid, "valid")})
+        if value > state.best_value:
+            state.best_value, state.best_epoch, state.bad_epochs = value, state.epoch, 0
+            with atomic_directory(run_dir / "best") as tmp:
+                save_crm(model, tmp)
+        else:
+            state.bad_epochs += 1
+        if progress:
+            tqdm.write(
+                f"epoch {state.epoch}: loss {total / steps_per_epoch:.4f}  valid {monitor} {value:.4f}"
+                f"  (best {state.best_value:.4f} @ {state.best_epoch})"
+            )
+        if tc.patience and state.bad_epochs >= tc.patience:
+            state.finished = True
+        _save_checkpoint(run_dir, model, optimizer, state)
+    logger.close()
+    train_seconds = time.time() - started
+
+    best = load_crm(run_dir / "best")
+    test = evaluate_crm(
+        best,
+        prepared.parts["test"],
+        protocol,
+        prepared.n_items,
+        tc.max_len,
+        tc.eval_batch_size,
+        n_boot=tc.n_boot,
+        seed=tc.seed,
+    )
+    payload = {
+        "run": config.run_name,
+        "model": config.model_name,
+        "dataset": data.dataset,
+        "protocol": protocol,
+        "seed": tc.seed,
+        "split_seed": data.split_seed,
+        "best_epoch": state.best_epoch,
+        "epochs_run": state.epoch,
+        "valid_monitor": {monitor: state.best_value},
+        "train_samples": n_train,
+        "test_samples": len(prepared.parts["test"]),
+        "train_seconds_this_process": round(train_seconds, 1),
+        "test": {k: v.to_dict() for k, v in test.items()},
+    }
+    write_json_atomic(run_dir / "metrics.json", payload)
+    state.finished = True
+    _save_checkpoint(run_dir, model, optimizer, state)
+    return payload
+
+
+def evaluate_run(run_dir: Path, part: str = "test", n_boot: int = 1000) -> dict[str, Estimate]:
+    """Re-evaluate a finished run's best model on a part of its persisted split."""
+    from recadapt.train.config import load_config
+
+    config = load_config(run_dir / "config.yaml")
+    data = config.data
+    prepared = ensure_prepared(
+        data.dataset, data.protocol, data_root=data.data_dir, out_root=data.prepared_dir, seed=data.split_seed
+    )
+    model = load_crm(run_dir / "best")
+    return evaluate_crm(
+        model,
+        prepared.parts[part],
+        data.protocol,
+        prepared.n_items,
+        config.train.max_len,
+        config.train.eval_batch_size,
+        n_boot=n_boot,
+        seed=config.train.seed,
+    )

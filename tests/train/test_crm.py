@@ -1,0 +1,99 @@
+"""End-to-end CRM training through the CLI on the committed RecBole ``patterns`` fixture."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from recadapt.cli import main
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "recbole" / "patterns" / "patterns"
+TINY_SASREC = ["model.name=sasrec", "model.hidden_size=16", "model.max_len=10", "train.max_len=10"]
+
+
+def _args(tmp_path: Path, protocol: str, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--config",
+        str(Path(__file__).resolve().parents[2] / "configs" / "sasrec.yaml"),
+        f"data.dataset=recbole:{FIXTURE}",
+        f"data.protocol={protocol}",
+        f"data.prepared_dir={tmp_path / 'prepared'}",
+        f"output_dir={tmp_path / 'runs'}",
+        "train.n_boot=100",
+        "train.batch_size=64",
+        *TINY_SASREC,
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("protocol", "metric", "chance"),
+    [("next-item", "HR@1", 1 / 20), ("full-ranking", "HR@10", 10 / 60), ("ctr", "AUC", 0.5)],
+)
+def test_train_and_eval_beat_chance(tmp_path: Path, capsys, protocol: str, metric: str, chance: float):
+    assert main(_args(tmp_path, protocol, "train.epochs=15", "train.patience=0", "train.lr=5e-3")) == 0
+    run_dir = next((tmp_path / "runs").iterdir())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    estimate = metrics["test"][metric]
+    assert estimate["low"] <= estimate["value"] <= estimate["high"]
+    assert estimate["value"] > chance + 0.1, f"{protocol}: {metric} {estimate} is not above chance {chance}"
+    for name in ("config.yaml", "log.csv", "best/model.safetensors", "best/config.json", "checkpoint/state.json"):
+        assert (run_dir / name).exists(), name
+    assert list((run_dir / "tb").iterdir()), "no TensorBoard events"
+    # `recadapt eval RUN_DIR` reproduces the recorded test metric from the saved best model
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--n-boot", "100", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed[metric]["value"] == pytest.approx(estimate["value"])
+
+
+def test_bad_override_is_a_clear_error(tmp_path: Path, capsys):
+    assert main(_args(tmp_path, "next-item", "train.epochs=many")) == 2
+    assert "train.epochs" in capsys.readouterr().err
+
+
+def _wait_for_epoch(state: Path, epoch: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if state.exists():
+            try:
+                if json.loads(state.read_text())["epoch"] >= epoch:
+                    return
+            except (json.JSONDecodeError, KeyError):
+                pass  # the file is replaced atomically, but be tolerant of a racing read
+        assert process.poll() is None, "training ended before it could be interrupted"
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared in time")
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path):
+    common = _args(tmp_path, "next-item", "train.epochs=25", "train.patience=0", "train.lr=5e-3")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "recadapt.cli", *common, "name=interrupted"]
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "runs" / "interrupted"
+    _wait_for_epoch(run_dir / "checkpoint" / "state.json", 3, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (run_dir / "metrics.json").exists()
+    killed_at = json.loads((run_dir / "checkpoint" / "state.json").read_text())["epoch"]
+    assert killed_at < 25
+
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0  # resumes from the checkpoint
+    assert main([*common, "name=straight"]) == 0
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    straight = json.loads((tmp_path / "runs" / "straight" / "metrics.json").read_text())
+    assert resumed["best_epoch"] == straight["best_epoch"]
+    assert resumed["test"] == straight["test"]
+    with (run_dir / "log.csv").open() as handle:
+        epochs = [int(line.split(",")[0]) for line in handle.readlines()[1:]]
+    assert epochs == list(range(1, 26)), "the resumed log must continue, not repeat, epochs"
