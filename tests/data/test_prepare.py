@@ -15,6 +15,7 @@ import pytest
 from synthetic import random_dataset
 
 import recadapt
+import recadapt.io
 from recadapt.data import prepare as prepare_module
 from recadapt.data.prepare import dataset_dirname, load_prepared, prepare
 from recadapt.data.protocols import PARTS, PROTOCOLS
@@ -174,7 +175,7 @@ def test_failure_while_swapping_restores_the_previous_output(
             raise OSError("rename failed")
         real_replace(src, dst)
 
-    monkeypatch.setattr(prepare_module.os, "replace", flaky_replace)
+    monkeypatch.setattr(recadapt.io.os, "replace", flaky_replace)
     with pytest.raises(OSError, match="rename failed"):
         prepare(ds, "full-ranking", tmp_path, min_interactions=8)
     monkeypatch.undo()

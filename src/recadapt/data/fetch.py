@@ -9,7 +9,6 @@ failed or interrupted fetch never leaves a partial ``ml-100k/`` behind.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -22,6 +21,8 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
+
+from recadapt.io import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +42,6 @@ class FetchError(RuntimeError):
     """A download failed, was corrupt, or did not match the pinned hashes; nothing was installed."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def mismatches(folder: Path) -> list[str]:
     """The pinned files of ``folder`` that are missing or differ from their hash (empty when all verify)."""
     bad = []
@@ -56,7 +49,7 @@ def mismatches(folder: Path) -> list[str]:
         path = folder / name
         if not path.is_file():
             bad.append(f"{name} (missing)")
-        elif _sha256(path) != expected:
+        elif sha256_file(path) != expected:
             bad.append(f"{name} (SHA-256 differs from the pinned {expected[:12]}...)")
     return bad
 

@@ -12,13 +12,9 @@ written to a temporary directory next to the destination, which then replaces th
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
-import os
 import re
-import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +28,7 @@ import recadapt
 from recadapt.data.protocols import CTR, FULL_RANKING, NEXT_ITEM, PARTS, PROTOCOLS, Split
 from recadapt.data.schema import Dataset
 from recadapt.errors import DataFormatError
+from recadapt.io import atomic_directory, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -109,9 +106,7 @@ def prepare(ds: Dataset, protocol: str, out_root: Path, seed: int = 0, **params:
 def save_split(ds: Dataset, split: Split, out_root: Path, seed: int = 0) -> Path:
     """Persist an already built ``split`` of ``ds`` (see :func:`prepare`); returns the output directory."""
     final = Path(out_root) / dataset_dirname(ds.name) / split.protocol
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh_dir(final.parent, f".{split.protocol}.tmp-")
-    try:
+    with atomic_directory(final) as tmp:
         files: dict[str, str] = {}
         rows: dict[str, int] = {}
         types = _SAMPLE_TYPES.get(split.protocol, {})
@@ -138,10 +133,6 @@ def save_split(ds: Dataset, split: Split, out_root: Path, seed: int = 0) -> Path
         }
         text = json.dumps(manifest, sort_keys=True, indent=2, allow_nan=False, default=_json_default) + "\n"
         (tmp / MANIFEST).write_text(text, encoding="utf-8")
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -166,7 +157,7 @@ def load_prepared(path: Path, verify: bool = True) -> Prepared:
             file = path / name
             if not file.is_file():
                 raise DataFormatError(file, None, None, "listed in the manifest but missing")
-            actual = _sha256(file)
+            actual = sha256_file(file)
             if actual != digest:
                 raise DataFormatError(
                     file,
@@ -214,15 +205,7 @@ def _write(table: pa.Table, file: Path) -> str:
         write_statistics=True,
         store_schema=True,
     )
-    return _sha256(file)
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(file)
 
 
 def _json_default(value: Any) -> Any:
@@ -235,31 +218,3 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
-
-
-def _fresh_dir(parent: Path, prefix: str) -> Path:
-    """A new uniquely named directory; unlike ``tempfile.mkdtemp`` it honours the umask (shared outputs)."""
-    while True:
-        path = parent / f"{prefix}{secrets.token_hex(6)}"
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        return path
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Make ``src`` appear at ``dst``: the old ``dst`` is renamed aside first (a directory cannot be replaced
-    by rename while non-empty), then deleted; if the second rename fails the old ``dst`` is put back."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    aside = _fresh_dir(dst.parent, f".{dst.name}.old-")
-    os.replace(dst, aside / dst.name)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        os.replace(aside / dst.name, dst)  # if this fails too, the old output stays in `aside` for recovery
-        aside.rmdir()
-        raise
-    shutil.rmtree(aside, ignore_errors=True)

@@ -7,7 +7,6 @@ consumers.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -18,17 +17,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recadapt.errors import DataFormatError
-
-_HASH_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, streamed so large files do not need to fit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def require_file(path: Path) -> Path:

@@ -30,10 +30,10 @@ from recadapt.data.readers._common import (
     list_column,
     ragged,
     read_parquet,
-    sha256_file,
 )
 from recadapt.data.schema import Dataset
 from recadapt.errors import DataFormatError
+from recadapt.io import sha256_file
 
 FOLDER = "collm-ml-1m"
 PARTS = ("train", "valid", "test")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recadapt.data.readers._common import first_true, sha256_file
+from recadapt.data.readers._common import first_true
 from recadapt.data.readers._text import Field, raise_at_row, read_table
 from recadapt.data.readers.llara import (
     FOLDER,
@@ -37,6 +37,7 @@ from recadapt.data.readers.llara import (
     samples,
 )
 from recadapt.data.schema import Dataset
+from recadapt.io import sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -32,13 +32,13 @@ from recadapt.data.readers._common import (
     positions_within,
     ragged,
     read_parquet,
-    sha256_file,
 )
 from recadapt.data.readers._text import read_id2name
 from recadapt.data.readers.ml100k import FOLDER as ML100K_FOLDER
 from recadapt.data.readers.ml100k import read_ml100k_items
 from recadapt.data.schema import Dataset
 from recadapt.errors import DataFormatError
+from recadapt.io import sha256_file
 
 FOLDER = "llara-splits"
 SEQ_WIDTH = 10

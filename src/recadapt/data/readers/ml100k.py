@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recadapt.data.readers._common import first_true, interactions_frame, sha256_file
+from recadapt.data.readers._common import first_true, interactions_frame
 from recadapt.data.readers._text import Field, raise_at_row, read_table
 from recadapt.data.schema import Dataset
 from recadapt.errors import DataFormatError
+from recadapt.io import sha256_file
 
 FOLDER = "ml-100k"
 ITEM_ENCODING = "latin-1"  # u.item is ISO-8859-1; UTF-8 decoding fails on "Misérables" and others

@@ -35,11 +35,11 @@ from recadapt.data.readers._common import (
     interactions_frame,
     positions_within,
     ragged,
-    sha256_file,
 )
 from recadapt.data.readers._text import Field, raise_at_row, read_header, read_table
 from recadapt.data.schema import Dataset
 from recadapt.errors import DataFormatError
+from recadapt.io import sha256_file
 
 TYPES = ("token", "token_seq", "float", "float_seq")
 TITLE_FIELDS = ("title", "movie_title", "name")
