@@ -135,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (DataFormatError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (DataFormatError, ConfigError, ValueError, FileNotFoundError) as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}  (run with -v for the traceback)", file=sys.stderr)
         return 2
 
 

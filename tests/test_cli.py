@@ -1,0 +1,35 @@
+"""The command line as a user runs it: ``recadapt data prepare`` on a RecBole dataset, twice."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from recadapt.cli import main
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "recbole" / "patterns" / "patterns"
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_prepare_twice_gives_identical_bytes(tmp_path: Path, capsys):
+    args = ["data", "prepare", "--dataset", f"recbole:{FIXTURE}", "--protocol", "next-item", "ctr", "full-ranking"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--force"]) == 0
+    first, second = _digests(tmp_path / "a"), _digests(tmp_path / "b")
+    assert len(first) == 3 * 6  # train/valid/test/items/users parquet + manifest per protocol
+    assert first == second
+    out = capsys.readouterr().out
+    assert "next-item: train" in out and "120 users, 60 items" in out
+
+
+def test_unknown_dataset_is_a_one_line_error(tmp_path: Path, capsys):
+    assert main(["data", "prepare", "--dataset", "nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "ml-100k" in err  # the message lists the known datasets
