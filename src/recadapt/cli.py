@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from recadapt.errors import ConfigError, DataFormatError
+from recadapt.errors import ConfigError, DataFormatError, NonFiniteLossError
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (DataFormatError, ConfigError, ValueError, FileNotFoundError) as exc:
+    except (DataFormatError, ConfigError, ValueError, FileNotFoundError, NonFiniteLossError) as exc:
         if args.verbose:
             raise
         print(f"error: {exc}  (run with -v for the traceback)", file=sys.stderr)

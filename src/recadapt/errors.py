@@ -30,3 +30,7 @@ class ConfigError(ValueError):
         self.message = message
         what = f" field '{field}'" if field else ""
         super().__init__(f"{source}:{what} {message}")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the run, epoch and step."""

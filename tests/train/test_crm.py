@@ -97,3 +97,14 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path):
     with (run_dir / "log.csv").open() as handle:
         epochs = [int(line.split(",")[0]) for line in handle.readlines()[1:]]
     assert epochs == list(range(1, 26)), "the resumed log must continue, not repeat, epochs"
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path: Path, capsys, monkeypatch):
+    import torch
+
+    from recadapt.cf.sasrec import SASRec
+
+    monkeypatch.setattr(SASRec, "loss", lambda self, batch: torch.tensor(float("nan"), requires_grad=True))
+    assert main(_args(tmp_path, "next-item", "train.epochs=2")) == 2
+    err = capsys.readouterr().err
+    assert "loss is nan at epoch 1, step 0" in err and "train.lr" in err

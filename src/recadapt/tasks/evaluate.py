@@ -40,8 +40,8 @@ def crm_scores(
     to -inf [N, n_items] (full-ranking), or click probabilities [N] (ctr)."""
     model.eval()
     history = torch.from_numpy(pad_histories(part["history"], max_len, n_items))
-    target = torch.from_numpy(part["target"].to_numpy(np.int64))
-    user_id = torch.from_numpy(part["user_id"].to_numpy(np.int64))
+    target = torch.from_numpy(part["target"].to_numpy(np.int64, copy=True))
+    user_id = torch.from_numpy(part["user_id"].to_numpy(np.int64, copy=True))
     outputs = []
     if protocol == "next-item":
         candidates = torch.from_numpy(np.stack(part["candidates"].to_numpy()).astype(np.int64))

@@ -25,7 +25,7 @@ from recadapt.cf.checkpoint import load_crm, save_crm
 from recadapt.data.batching import expand_prefixes, pad_histories
 from recadapt.data.prepare import Prepared
 from recadapt.data.store import ensure_prepared
-from recadapt.errors import ConfigError
+from recadapt.errors import ConfigError, NonFiniteLossError
 from recadapt.io import atomic_directory, write_json_atomic
 from recadapt.tasks.evaluate import evaluate_crm, monitor_metric
 from recadapt.tasks.metrics import Estimate
@@ -33,10 +33,6 @@ from recadapt.train.config import RunConfig, _coerce, save_config
 from recadapt.train.logger import RunLogger
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
 
 
 @dataclass
@@ -63,11 +59,11 @@ def training_tensors(prepared: Prepared, protocol: str, max_len: int) -> dict[st
         }
     tensors = {
         "history": torch.from_numpy(pad_histories(train["history"], max_len, pad)),
-        "target": torch.from_numpy(train["target"].to_numpy(np.int64)),
-        "user_id": torch.from_numpy(train["user_id"].to_numpy(np.int64)),
+        "target": torch.from_numpy(train["target"].to_numpy(np.int64, copy=True)),
+        "user_id": torch.from_numpy(train["user_id"].to_numpy(np.int64, copy=True)),
     }
     if protocol == "ctr":
-        tensors["label"] = torch.from_numpy(train["label"].to_numpy(np.float32))
+        tensors["label"] = torch.from_numpy(train["label"].to_numpy(np.float32, copy=True))
     return tensors
 
 
