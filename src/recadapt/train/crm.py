@@ -143,6 +143,7 @@ def train_crm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
     started = time.time()
     while state.epoch < tc.epochs and not state.finished:
         model.train()
+        epoch_started = time.time()
         # the sample order depends only on (seed, epoch), so a resumed run sees the same batches
         order = torch.randperm(
             n_train, generator=torch.Generator().manual_seed(tc.seed * 100_003 + state.epoch)
@@ -181,7 +182,14 @@ def train_crm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
             n_boot=0,
         )
         value = valid[monitor].value
-        logger.log(state.epoch, {"train/loss": total / steps_per_epoch, **_flat(valid, "valid")})
+        logger.log(
+            state.epoch,
+            {
+                "train/loss": total / steps_per_epoch,
+                "time/epoch_seconds": time.time() - epoch_started,
+                **_flat(valid, "valid"),
+            },
+        )
         if value > state.best_value:
             state.best_value, state.best_epoch, state.bad_epochs = value, state.epoch, 0
             with atomic_directory(run_dir / "best") as tmp:
