@@ -19,7 +19,16 @@ def _digests(root: Path) -> dict[str, str]:
 
 
 def test_prepare_twice_gives_identical_bytes(tmp_path: Path, capsys):
-    args = ["data", "prepare", "--dataset", f"recbole:{FIXTURE}", "--protocol", "next-item", "ctr", "full-ranking"]
+    args = [
+        "data",
+        "prepare",
+        "--dataset",
+        f"recbole:{FIXTURE}",
+        "--protocol",
+        "next-item",
+        "ctr",
+        "full-ranking",
+    ]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--out", str(tmp_path / "b"), "--force"]) == 0
     first, second = _digests(tmp_path / "a"), _digests(tmp_path / "b")

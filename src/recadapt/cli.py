@@ -45,8 +45,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from recadapt.train.crm import train_crm
 
     overrides = list(args.overrides)
-    if args.data_dir:
-        overrides.append(f"data.data_dir={args.data_dir}")
+    for option, key in (
+        ("data_dir", "data.data_dir"),
+        ("dataset", "data.dataset"),
+        ("protocol", "data.protocol"),
+    ):
+        if getattr(args, option):
+            overrides.append(f"{key}={getattr(args, option)}")
     config = load_config(args.config, overrides)
     payload = train_crm(config, resume=not args.restart)
     print(f"run {config.run_dir}: best epoch {payload['best_epoch']}")
@@ -101,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model from a YAML config")
     train.add_argument("--config", required=True)
-    train.add_argument("--data-dir")
+    train.add_argument("--data-dir", help="data root (default: $RECADAPT_DATA or ~/.cache/recadapt/data)")
+    train.add_argument("--dataset", help="shorthand for data.dataset=..., e.g. lastfm or recbole:PATH/NAME")
+    train.add_argument(
+        "--protocol", choices=["next-item", "ctr", "full-ranking"], help="shorthand for data.protocol"
+    )
     train.add_argument(
         "--restart", action="store_true", help="ignore an existing checkpoint in the run directory"
     )

@@ -23,8 +23,8 @@ def _args(tmp_path: Path, protocol: str, *extra: str) -> list[str]:
         "train",
         "--config",
         str(Path(__file__).resolve().parents[2] / "configs" / "sasrec.yaml"),
-        f"data.dataset=recbole:{FIXTURE}",
-        f"data.protocol={protocol}",
+        f"--dataset=recbole:{FIXTURE}",
+        f"--protocol={protocol}",
         f"data.prepared_dir={tmp_path / 'prepared'}",
         f"output_dir={tmp_path / 'runs'}",
         "train.n_boot=100",
@@ -45,7 +45,13 @@ def test_train_and_eval_beat_chance(tmp_path: Path, capsys, protocol: str, metri
     estimate = metrics["test"][metric]
     assert estimate["low"] <= estimate["value"] <= estimate["high"]
     assert estimate["value"] > chance + 0.1, f"{protocol}: {metric} {estimate} is not above chance {chance}"
-    for name in ("config.yaml", "log.csv", "best/model.safetensors", "best/config.json", "checkpoint/state.json"):
+    for name in (
+        "config.yaml",
+        "log.csv",
+        "best/model.safetensors",
+        "best/config.json",
+        "checkpoint/state.json",
+    ):
         assert (run_dir / name).exists(), name
     assert list((run_dir / "tb").iterdir()), "no TensorBoard events"
     # `recadapt eval RUN_DIR` reproduces the recorded test metric from the saved best model
