@@ -312,8 +312,8 @@ def _load_pretrained(
             raise BackboneError(f"could not load a model from {target}: {err}") from err
         raise BackboneError(
             f"{target!r} is not a known alias ({', '.join(BACKBONE_ALIASES)}), an existing local directory or a "
-            f".gguf file, and loading it as a Hugging Face hub id failed: it must be in the local hub cache or the hub "
-            f"reachable (offline mode: HF_HUB_OFFLINE). Cause: {err}"
+            f".gguf file, and loading it as a Hugging Face hub id failed: it must be in the local hub cache, "
+            f"or the hub reachable with HF_HUB_OFFLINE unset. Cause: {err}"
         ) from err
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad token; EOS is the usual stand-in
