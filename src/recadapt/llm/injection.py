@@ -1,0 +1,125 @@
+"""Hybrid item representations (LLaRA): CRM item embeddings projected into the LLM's input embedding space.
+
+A hybrid prompt writes each item as ``Title <|item|>`` (:mod:`recadapt.llm.prompts`); the input embedding at each
+``<|item|>`` position is replaced by ``ItemProjector(e_item)``, where ``e_item`` is the item's row of a trained,
+frozen CRM's :meth:`~recadapt.cf.base.SequentialRecommender.item_embeddings`. LLaRA's curriculum moves from
+text-only to hybrid prompts: the probability of a hybrid batch grows linearly with the training step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import Tensor, nn
+
+
+class ItemProjector(nn.Module):
+    """Linear(d_cf -> H) -> GELU -> Linear(H -> H): maps a CRM item embedding into the LLM hidden size H."""
+
+    def __init__(self, cf_dim: int, hidden_size: int) -> None:
+        super().__init__()
+        if cf_dim < 1 or hidden_size < 1:
+            raise ValueError(f"cf_dim and hidden_size must be >= 1, got {cf_dim} and {hidden_size}")
+        self.cf_dim = cf_dim
+        self.hidden_size = hidden_size
+        self.net = nn.Sequential(
+            nn.Linear(cf_dim, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, item_embeddings: Tensor) -> Tensor:
+        """FloatTensor[..., d_cf] -> FloatTensor[..., H]. The input is cast to the projector's own dtype, so an
+        fp32 CRM table feeds a bf16 projector without autocast."""
+        return self.net(item_embeddings.to(self.net[0].weight.dtype))
+
+
+def inject_item_embeddings(
+    input_embeds: Tensor,
+    positions: Tensor,
+    item_ids: Tensor,
+    item_table: Tensor,
+    projector: nn.Module,
+) -> Tensor:
+    """``input_embeds`` [B, T, H] with row ``positions[k]`` replaced by ``projector(item_table[item_ids[k]])``.
+
+    ``positions`` is LongTensor[N, 2] of (batch row, token position) and ``item_ids`` LongTensor[N] (both as
+    :class:`recadapt.llm.prompts.EncodedBatch` gives them); ``item_table`` is FloatTensor[n_items, d_cf] without
+    the padding row. One gather, one projector call and one out-of-place ``index_put``: no loop over positions,
+    and autograd sees the replacement. The table is detached, so gradients reach the projector (and the other
+    embeddings) but never the frozen CRM. The projected vectors are cast to ``input_embeds``' dtype, which keeps
+    the embeddings' dtype under bf16 autocast.
+    """
+    if input_embeds.dim() != 3:
+        raise ValueError(f"input_embeds must be [B, T, H], got shape {tuple(input_embeds.shape)}")
+    if positions.dim() != 2 or positions.size(1) != 2:
+        raise ValueError(f"positions must be [N, 2] (row, position), got shape {tuple(positions.shape)}")
+    if item_ids.dim() != 1 or item_ids.size(0) != positions.size(0):
+        raise ValueError(
+            f"item_ids must be [N] with N = {positions.size(0)} placeholders, got shape {tuple(item_ids.shape)}"
+        )
+    if item_table.dim() != 2:
+        raise ValueError(f"item_table must be [n_items, d_cf], got shape {tuple(item_table.shape)}")
+    if item_ids.numel() == 0:
+        return input_embeds
+    n_items = item_table.size(0)
+    # one host sync per batch: an out-of-range id would otherwise surface as an opaque device-side assert
+    low, high = int(item_ids.min()), int(item_ids.max())
+    if low < 0 or high >= n_items:
+        raise IndexError(
+            f"item ids must be in [0, {n_items}); got [{low}, {high}] (PAD = n_items is not an item)"
+        )
+    vectors = projector(item_table.detach()[item_ids.to(item_table.device)])
+    if vectors.shape[-1] != input_embeds.size(-1):
+        raise ValueError(
+            f"the projector gives {vectors.shape[-1]}-d vectors; the LLM's hidden size is {input_embeds.size(-1)}"
+        )
+    vectors = vectors.to(device=input_embeds.device, dtype=input_embeds.dtype)
+    rows, cols = positions.to(input_embeds.device).unbind(1)
+    return input_embeds.index_put((rows, cols), vectors)
+
+
+def embed_with_items(
+    embedding: nn.Module,
+    input_ids: Tensor,
+    positions: Tensor,
+    item_ids: Tensor,
+    item_table: Tensor,
+    projector: nn.Module,
+) -> Tensor:
+    """The LLM input embeddings of ``input_ids`` (``embedding`` = ``model.get_input_embeddings()``) with the
+    placeholders replaced: pass the result as ``inputs_embeds`` to the model's forward or ``generate``."""
+    return inject_item_embeddings(embedding(input_ids), positions, item_ids, item_table, projector)
+
+
+class CurriculumSchedule:
+    """LLaRA's curriculum: at global step ``step`` a batch uses the hybrid prompt with probability
+    ``step / total_steps`` (clipped to [0, 1]), else the text-only prompt.
+
+    The step is passed in explicitly (the trainer's optimizer step), never counted here: LLaRA's counter lived in
+    each data-loader worker and restarted every epoch. Each decision is drawn from a generator seeded by
+    (seed, step, sub_step), so it does not depend on call order, workers or restarts, and a resumed run makes
+    the same decisions. ``sub_step`` (e.g. the micro-batch within a gradient-accumulation step) gives independent
+    draws within one step; by default the whole step shares one decision.
+    """
+
+    def __init__(self, total_steps: int, seed: int = 0) -> None:
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.total_steps = total_steps
+        self.seed = seed
+
+    def probability(self, step: int) -> float:
+        """p(hybrid) at ``step``: 0 at the first step, rising linearly, 1 from ``total_steps`` on."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        return min(step / self.total_steps, 1.0)
+
+    def use_hybrid(self, step: int, sub_step: int = 0) -> bool:
+        """Whether the batch at ``step`` uses the hybrid prompt (deterministic in seed, step and sub_step)."""
+        if sub_step < 0:
+            raise ValueError(f"sub_step must be >= 0, got {sub_step}")
+        p = self.probability(step)
+        return bool(np.random.default_rng([self.seed, step, sub_step]).random() < p)
+
+    def __repr__(self) -> str:
+        return f"CurriculumSchedule(total_steps={self.total_steps}, seed={self.seed})"

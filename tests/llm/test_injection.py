@@ -1,0 +1,135 @@
+"""Projected CRM item embeddings at placeholder positions, and LLaRA's curriculum schedule."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub, before transformers reads its settings
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from recadapt.llm.injection import CurriculumSchedule, ItemProjector, inject_item_embeddings
+
+VOCAB = 40
+PLACEHOLDER = VOCAB - 1
+HIDDEN = 32
+CF_DIM = 8
+N_ITEMS = 10
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids [2, 12] with placeholders at known positions, their (row, position) pairs and item ids."""
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, VOCAB - 1, (2, 12), generator=generator)
+    positions = torch.tensor([[0, 2], [0, 5], [0, 6], [1, 1], [1, 9]])
+    input_ids[positions[:, 0], positions[:, 1]] = PLACEHOLDER
+    item_ids = torch.tensor([3, 0, 3, 9, 5])
+    return input_ids, positions, item_ids
+
+
+def test_injected_rows_are_the_projected_items_and_nothing_else_changes() -> None:
+    torch.manual_seed(0)
+    embeds = torch.randn(2, 12, HIDDEN)
+    _, positions, item_ids = _batch()
+    table = torch.randn(N_ITEMS, CF_DIM)
+    projector = ItemProjector(CF_DIM, HIDDEN)
+    out = inject_item_embeddings(embeds, positions, item_ids, table, projector)
+    assert out.shape == embeds.shape and out.dtype == embeds.dtype
+    expected = projector(table[item_ids])
+    assert torch.equal(out[positions[:, 0], positions[:, 1]], expected)
+    untouched = torch.ones(2, 12, dtype=torch.bool)
+    untouched[positions[:, 0], positions[:, 1]] = False
+    assert torch.equal(out[untouched], embeds[untouched])
+    assert not torch.equal(out, embeds)  # out of place: the input is left as it was
+    assert inject_item_embeddings(embeds, positions[:0], item_ids[:0], table, projector) is embeds
+
+
+def test_forward_with_injected_embeddings_trains_the_projector_not_the_crm(model: LlamaForCausalLM) -> None:
+    input_ids, positions, item_ids = _batch()
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -3:] = input_ids[:, -3:]
+    table = torch.randn(N_ITEMS, CF_DIM, requires_grad=True)  # even a table that requires grad stays frozen
+    projector = ItemProjector(CF_DIM, HIDDEN)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        embeds = model.get_input_embeddings()(input_ids)
+        embeds = inject_item_embeddings(embeds, positions, item_ids, table, projector)
+        assert embeds.dtype == torch.float32  # the embedding layer's dtype, not autocast's
+        loss = model(inputs_embeds=embeds, labels=labels).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, param in projector.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert table.grad is None
+    # the placeholder's own embedding row was replaced everywhere, so it gets no gradient
+    assert model.get_input_embeddings().weight.grad[PLACEHOLDER].abs().sum() == 0
+
+
+def test_projector_shape_and_dtype() -> None:
+    projector = ItemProjector(CF_DIM, HIDDEN).to(torch.bfloat16)
+    out = projector(torch.randn(5, CF_DIM))  # fp32 CRM rows into a bf16 projector
+    assert out.shape == (5, HIDDEN) and out.dtype == torch.bfloat16
+    layers = [type(m).__name__ for m in projector.net]
+    assert layers == ["Linear", "GELU", "Linear"]
+    embeds = torch.zeros(1, 4, HIDDEN)
+    injected = inject_item_embeddings(
+        embeds, torch.tensor([[0, 1]]), torch.tensor([2]), torch.randn(N_ITEMS, CF_DIM), projector
+    )
+    assert injected.dtype == torch.float32
+
+
+def test_bad_arguments_are_reported() -> None:
+    embeds = torch.zeros(2, 12, HIDDEN)
+    _, positions, item_ids = _batch()
+    table = torch.randn(N_ITEMS, CF_DIM)
+    projector = ItemProjector(CF_DIM, HIDDEN)
+    with pytest.raises(IndexError, match="PAD"):
+        inject_item_embeddings(embeds, positions, torch.tensor([3, 0, 3, N_ITEMS, 5]), table, projector)
+    with pytest.raises(ValueError, match=r"\[N, 2\]"):
+        inject_item_embeddings(embeds, positions[:, 0], item_ids, table, projector)
+    with pytest.raises(ValueError, match="N = 5"):
+        inject_item_embeddings(embeds, positions, item_ids[:4], table, projector)
+    with pytest.raises(ValueError, match="hidden size"):
+        inject_item_embeddings(embeds, positions, item_ids, table, ItemProjector(CF_DIM, 16))
+
+
+def test_curriculum_probability_rises_linearly_from_zero_to_one() -> None:
+    schedule = CurriculumSchedule(total_steps=200, seed=3)
+    assert [schedule.probability(s) for s in (0, 50, 100, 200, 500)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert not any(schedule.use_hybrid(0, sub) for sub in range(50))
+    assert all(schedule.use_hybrid(200 + s) for s in range(50))
+    # empirical frequency in a window tracks p: steps 140..159 have p ~ 0.75
+    hits = sum(schedule.use_hybrid(step, sub) for step in range(140, 160) for sub in range(50))
+    assert 0.68 < hits / 1000 < 0.82
+    with pytest.raises(ValueError, match="total_steps"):
+        CurriculumSchedule(0)
+    with pytest.raises(ValueError, match="step"):
+        schedule.probability(-1)
+
+
+def test_curriculum_decisions_are_seeded_and_survive_a_resume() -> None:
+    run = CurriculumSchedule(total_steps=100, seed=7)
+    decisions = [run.use_hybrid(step) for step in range(100)]
+    resumed = CurriculumSchedule(total_steps=100, seed=7)  # a fresh process resuming at step 60
+    assert [resumed.use_hybrid(step) for step in range(60, 100)] == decisions[60:]
+    assert [run.use_hybrid(step) for step in reversed(range(100))] == decisions[::-1]  # order-free
+    other_seed = [CurriculumSchedule(total_steps=100, seed=8).use_hybrid(step) for step in range(100)]
+    assert other_seed != decisions
+    assert 0 < sum(decisions) < 100
