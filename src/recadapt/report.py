@@ -61,20 +61,22 @@ def _markdown(rows: list[dict[str, Any]], title: str) -> str:
         by_task[(row["dataset"], row["protocol"])].append(row)
     for (dataset, protocol), members in by_task.items():
         metrics = REPORTED[protocol]
-        primary = metrics[0]
         out += [f"## {dataset} / {protocol} ({members[0]['test_samples']} test samples)", ""]
-        out.append(
-            "| model | seeds | "
-            + " | ".join(f"{m} (mean ± std)" for m in metrics)
-            + f" | {primary} per seed [95% CI] |"
-        )
-        out.append("|---|---|" + "---|" * len(metrics) + "---|")
+        out.append("| model | seeds | " + " | ".join(f"{m} (mean ± std)" for m in metrics) + " |")
+        out.append("|---|---|" + "---|" * len(metrics))
         for row in members:
             cells = [f"{row[m]['mean']:.4f} ± {row[m]['std']:.4f}" for m in metrics]
-            per_seed = "; ".join(
-                f"{e['value']:.4f} [{e['low']:.4f}, {e['high']:.4f}]" for e in row[primary]["per_seed"]
-            )
-            out.append(f"| {row['model']} | {len(row['seeds'])} | " + " | ".join(cells) + f" | {per_seed} |")
+            out.append(f"| {row['model']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+        out += ["", "Per seed, with the bootstrap 95% confidence interval over test users:", ""]
+        out.append("| model | seed | " + " | ".join(metrics) + " |")
+        out.append("|---|---|" + "---|" * len(metrics))
+        for row in members:
+            for i, seed in enumerate(row["seeds"]):
+                cells = []
+                for m in metrics:
+                    e = row[m]["per_seed"][i]
+                    cells.append(f"{e['value']:.4f} [{e['low']:.4f}, {e['high']:.4f}]")
+                out.append(f"| {row['model']} | {seed} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
 

@@ -1,0 +1,46 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from recadapt.report import write_crm_report
+
+
+def _run(root: Path, model: str, seed: int, hr: float) -> Path:
+    run = root / f"{model}-s{seed}"
+    run.mkdir(parents=True)
+    estimate = {"value": hr, "low": hr - 0.1, "high": hr + 0.1}
+    test = {"HR@1": estimate, "NDCG@10": estimate, "ValidRatio": {"value": 1.0, "low": 1.0, "high": 1.0}}
+    payload = {
+        "dataset": "toy",
+        "protocol": "next-item",
+        "model": model,
+        "seed": seed,
+        "test_samples": 10,
+        "test": test,
+    }
+    (run / "metrics.json").write_text(json.dumps(payload))
+    return run
+
+
+def test_report_aggregates_seeds_and_writes_table_csv_and_plot(tmp_path: Path):
+    runs = [
+        _run(tmp_path, "sasrec", 0, 0.2),
+        _run(tmp_path, "sasrec", 1, 0.4),
+        _run(tmp_path, "gru4rec", 0, 0.3),
+    ]
+    rows = write_crm_report(runs, tmp_path / "out" / "table.md", title="Toy")
+    sasrec = next(r for r in rows if r["model"] == "sasrec")
+    assert sasrec["HR@1"]["mean"] == pytest.approx(0.3)
+    assert sasrec["HR@1"]["std"] == pytest.approx(0.1414, abs=1e-4)
+    text = (tmp_path / "out" / "table.md").read_text()
+    assert "| sasrec | 2 | 0.3000 ± 0.1414 |" in text
+    assert "| sasrec | 1 | 0.4000 [0.3000, 0.5000] |" in text
+    assert (tmp_path / "out" / "table.csv").read_text().count("\n") == 1 + 2 * 3
+    assert (tmp_path / "out" / "table.png").stat().st_size > 1000
+
+
+def test_unfinished_run_is_named(tmp_path: Path):
+    (tmp_path / "half").mkdir()
+    with pytest.raises(FileNotFoundError, match="half"):
+        write_crm_report([tmp_path / "half"], tmp_path / "t.md")
