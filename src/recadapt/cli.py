@@ -41,8 +41,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from recadapt.train.config import load_config
-    from recadapt.train.crm import train_crm
+    from recadapt.train.config import LLM_METHODS, load_config
 
     overrides = list(args.overrides)
     for option, key in (
@@ -53,8 +52,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if getattr(args, option):
             overrides.append(f"{key}={getattr(args, option)}")
     config = load_config(args.config, overrides)
-    payload = train_crm(config, resume=not args.restart)
-    print(f"run {config.run_dir}: best epoch {payload['best_epoch']}")
+    if config.model_name in LLM_METHODS:
+        from recadapt.train.llm import train_llm
+
+        payload = train_llm(config, resume=not args.restart)
+        mode = f", ranking mode {payload['ranking_mode']}" if payload.get("ranking_mode") else ""
+        print(f"run {config.run_dir}: {payload['optimizer_steps']} optimizer steps{mode}")
+    else:
+        from recadapt.train.crm import train_crm
+
+        payload = train_crm(config, resume=not args.restart)
+        print(f"run {config.run_dir}: best epoch {payload['best_epoch']}")
     for name, est in payload["test"].items():
         print(f"  test {name:<10} {est['value']:.4f}  95% CI [{est['low']:.4f}, {est['high']:.4f}]")
     return 0

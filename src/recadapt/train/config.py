@@ -1,8 +1,8 @@
 """Typed run configuration: one YAML file plus ``key=value`` overrides.
 
-A run config has three sections, each a dataclass, and a free-form ``model`` mapping that the model's own config
-class validates. Unknown keys are errors that name the file and the dotted field, so a typo never silently falls
-back to a default.
+A run config has typed sections (``data``, ``train`` and, for LLM methods, ``llm``), each a dataclass, and a
+free-form ``model`` mapping that the model's own config class validates. Unknown keys are errors that name the file
+and the dotted field, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ import yaml
 from recadapt.errors import ConfigError
 
 PROTOCOLS = ("next-item", "ctr", "full-ranking")
+LLM_METHODS = ("zero-shot", "tallrec", "llara")  # model.name values trained by recadapt.train.llm
+RANKING_MODES = ("generate", "constrained", "score")  # as recadapt.llm.ranking (not imported: it needs torch)
+PRECISIONS = ("auto", "bf16", "fp16", "no")
 
 
 @dataclass
@@ -46,6 +49,85 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # 0 = full epochs; a cap makes quick demo runs
 
 
+def _default_lora_targets() -> list[str]:
+    return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LLMConfig:
+    """LLM methods (``model.name`` in :data:`LLM_METHODS`): backbone, LoRA, optimisation, budget and evaluation.
+
+    LLM runs take ``train.seed``, ``train.max_len`` (history items in a prompt), ``train.n_boot`` and
+    ``train.num_threads`` from the ``train`` section; everything else comes from here. Steps count optimizer
+    steps; one step is ``batch_size`` x ``grad_accum`` x processes samples.
+    """
+
+    backbone: str = "smollm2-135m"  # alias, local model directory, .gguf file or hub id (load_backbone)
+    dtype: str | None = None  # weight dtype; None: fp32 on CPU, bf16 (fp16 without bf16) on CUDA
+    precision: str = "auto"  # autocast bf16|fp16|no; auto: bf16 where the device runs it natively, else no
+    domain: str = "auto"  # prompt templates (movie, artist, game, item); auto: from the dataset name
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_target_modules: list[str] = field(default_factory=_default_lora_targets)
+    lr: float = 5e-4  # LoRA parameters
+    projector_lr: float | None = None  # LLaRA's projector; None: lr
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05  # linear warm-up over this share of the steps, then cosine decay to 0
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+    epochs: int = 5
+    max_steps: int = 0  # > 0: stop after this many optimizer steps (overrides epochs)
+    batch_size: int = 4  # micro-batch per process
+    grad_accum: int = 32  # micro-batches per optimizer step
+    bucket_batches: int = 50  # length bucketing: sort by length within seeded chunks of this many batches
+    checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
+    log_every: int = 10  # optimizer steps between log rows
+    train_samples: int = 0  # > 0: train on the first N samples of a fixed permutation (ctr: shot_rank < N)
+    max_prompt_tokens: int = 1024  # prompt + answer; longer samples drop their oldest history items
+    crm_run: str | None = None  # llara: a trained CRM run directory (best/ gives the item embeddings)
+    # ranking modes for next-item evaluation (generate, constrained, score); the first gives metrics.json "test"
+    eval_modes: list[str] = field(default_factory=lambda: ["generate"])
+    eval_samples: int = 0  # > 0: evaluate on a fixed random subset of the test part
+    eval_batch_size: int = 8
+    max_new_tokens: int = 64  # generate mode
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eval_modes, str):
+            self.eval_modes = [self.eval_modes]
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [self.lora_target_modules]
+        for name in ("lora_target_modules", "eval_modes"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+                raise ConfigError(
+                    "config", f"llm.{name}", f"expected a non-empty list of strings, got {value!r}"
+                )
+        unknown = [m for m in self.eval_modes if m not in RANKING_MODES]
+        if unknown or len(set(self.eval_modes)) != len(self.eval_modes):
+            raise ConfigError(
+                "config",
+                "llm.eval_modes",
+                f"expected distinct modes among {RANKING_MODES}, got {self.eval_modes}",
+            )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                "config", "llm.precision", f"must be one of {PRECISIONS}, got {self.precision!r}"
+            )
+        positive = ("lora_r", "batch_size", "grad_accum", "bucket_batches", "checkpoint_every", "log_every")
+        for name in (*positive, "eval_batch_size", "max_new_tokens", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError("config", f"llm.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("epochs", "max_steps", "train_samples", "eval_samples", "max_grad_norm", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError("config", f"llm.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError("config", "llm.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError("config", "llm.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if self.lr <= 0 or (self.projector_lr is not None and self.projector_lr <= 0):
+            raise ConfigError("config", "llm.lr", "learning rates must be > 0")
+
+
 @dataclass
 class RunConfig:
     name: str = ""  # run directory name under output_dir; empty: <model>-<dataset>-<protocol>-s<seed>
@@ -53,6 +135,7 @@ class RunConfig:
     model: dict[str, Any] = field(default_factory=lambda: {"name": "sasrec"})
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    llm: LLMConfig | None = None  # LLM methods only
 
     @property
     def model_name(self) -> str:
@@ -70,7 +153,10 @@ class RunConfig:
         return Path(self.output_dir) / self.run_name
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.llm is None:
+            del out["llm"]  # CRM configs stay as they were
+        return out
 
 
 def _coerce(value: Any, annotation: Any, source: str, dotted: str) -> Any:
@@ -132,6 +218,15 @@ def _key_lines(text: str) -> dict[str, int]:
     return lines
 
 
+def _optional_section(annotation: Any) -> Any:
+    """``Section | None`` -> ``Section`` for an optional dataclass section; anything else unchanged."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(options) == 1 and dataclasses.is_dataclass(options[0]):
+            return options[0]
+    return annotation
+
+
 def _build(cls: type, raw: dict[str, Any], source: str, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
@@ -140,9 +235,11 @@ def _build(cls: type, raw: dict[str, Any], source: str, prefix: str = "") -> Any
         raise ConfigError(source, prefix + unknown[0], f"unknown field (known: {', '.join(sorted(known))})")
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
-        annotation = hints[name]
+        annotation = _optional_section(hints[name])
         dotted = prefix + name
-        if dataclasses.is_dataclass(annotation):
+        if dataclasses.is_dataclass(annotation) and value is None and annotation is not hints[name]:
+            kwargs[name] = None  # an optional section written as null
+        elif dataclasses.is_dataclass(annotation):
             if not isinstance(value, dict):
                 raise ConfigError(source, dotted, "expected a mapping")
             kwargs[name] = _build(annotation, value, source, dotted + ".")
@@ -217,6 +314,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if config.data.protocol not in PROTOCOLS:
         raise ConfigError(
             source, "data.protocol", f"must be one of {PROTOCOLS}, got {config.data.protocol!r}"
+        )
+    if config.llm is not None and config.model_name not in LLM_METHODS:
+        raise ConfigError(
+            source, "llm", f"applies to the LLM methods {LLM_METHODS} only, not model {config.model_name!r}"
         )
     return config
 

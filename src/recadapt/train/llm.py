@@ -1,0 +1,980 @@
+"""Training recipe for LLM recommenders: ``zero-shot`` (no training), ``tallrec`` (text prompts + LoRA) and
+``llara`` (hybrid prompts + LoRA + curriculum over a frozen CRM's item embeddings).
+
+One loop on Hugging Face ``accelerate`` (a single CPU process here; ``accelerate launch`` runs the same code on
+several GPUs or nodes): LoRA through PEFT, gradient accumulation, linear warm-up then cosine decay, one learning
+rate for the LoRA weights and one for LLaRA's projector, and length-bucketed batches (samples sorted by length
+within seeded chunks) so little compute goes to padding. Mixed precision is used only where the device runs it
+natively (on a CPU without avx512_bf16 or AMX, bf16 autocast is several times slower than fp32).
+
+Resumable: every ``llm.checkpoint_every`` optimizer steps ``RUN_DIR/checkpoint`` is replaced atomically with the
+adapter weights, the projector, optimizer and scheduler states, RNG states and the data position; a run started
+again continues at the exact micro-batch and reaches the same metrics as an uninterrupted one. Dropout draws are
+reseeded from (seed, step, process) at every optimizer step, so a resumed step draws what the uninterrupted step
+drew whatever ran in between. After training, the test part is ranked with the configured modes
+(:mod:`recadapt.llm.ranking`) and ``metrics.json`` written as the CRM recipe writes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from recadapt.data.prepare import Prepared
+from recadapt.data.store import ensure_prepared
+from recadapt.errors import ConfigError, NonFiniteLossError
+from recadapt.io import atomic_directory, write_json_atomic, write_text_atomic
+from recadapt.llm.injection import CurriculumSchedule, ItemProjector, embed_with_items
+from recadapt.llm.prompts import (
+    EVAL_TEMPLATE_INDEX,
+    EncodedBatch,
+    ItemTokenizer,
+    Prompt,
+    build_ctr_prompt,
+    build_next_item_prompt,
+    ctr_answer,
+    load_templates,
+    pick_template_index,
+)
+from recadapt.tasks.evaluate import RANKING_KS
+from recadapt.tasks.metrics import Estimate, ctr_report, mean_with_ci, ranking_report, target_ranks
+from recadapt.train.config import LLM_METHODS, LLMConfig, RunConfig, TrainConfig, save_config
+from recadapt.train.logger import RunLogger
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+__all__ = [
+    "LLMConfig",
+    "LLMTrainerState",
+    "PromptFactory",
+    "length_bucketed_batches",
+    "resolve_domain",
+    "select_precision",
+    "train_llm",
+    "training_rows",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+FINAL_DIR = "final"  # the trained adapter (and projector) alone
+ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's file names, so PeftModel.from_pretrained reads the folder
+PROJECTOR_FILE = "projector.safetensors"
+# train.* fields an LLM run reads; the others belong to the CRM recipe and must stay at their defaults
+TRAIN_FIELDS_USED = ("seed", "max_len", "n_boot", "num_threads")
+# llm.* fields that may change between a checkpoint and its resumption (they do not affect training)
+_EVAL_ONLY_FIELDS = ("eval_modes", "eval_samples", "eval_batch_size", "max_new_tokens", "log_every")
+DOMAIN_BY_DATASET = {
+    "ml-100k": "movie",
+    "ml-1m-ctr": "movie",
+    "movielens-llara-test": "movie",
+    "lastfm": "artist",
+    "steam-llara-test": "game",
+}
+# independent random streams derived from the seeds
+_STREAM_SUBSET, _STREAM_ORDER, _STREAM_EVAL, _STREAM_STEP = 11, 12, 13, 14
+_EVAL_CHUNK = 64  # test samples whose prompts are built (and embedded) at once
+
+
+# --- configuration ------------------------------------------------------------------------------------------------
+
+
+def resolve_domain(dataset: str, requested: str = "auto") -> str:
+    """The prompt-template domain: ``requested`` unless ``auto``, else from the dataset name (``item`` if unknown)."""
+    if requested != "auto":
+        load_templates(requested)  # an unknown domain fails here, listing the known ones
+        return requested
+    return DOMAIN_BY_DATASET.get(dataset, "item")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively: CUDA with bf16 support, or a CPU with avx512_bf16 or AMX.
+
+    Elsewhere bf16 is emulated; measured on an AVX2-only AMD EPYC, bf16 autocast ran ~7x slower than fp32.
+    """
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.11
+    if get_capabilities is not None:
+        caps = get_capabilities()
+        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def select_precision(device: torch.device, requested: str = "auto") -> tuple[str, str]:
+    """The ``accelerate`` mixed-precision setting (``bf16``, ``fp16`` or ``no``) and why it was chosen."""
+    if requested != "auto":
+        return requested, "as configured (llm.precision)"
+    if native_bf16(device):
+        return "bf16", f"{device.type} runs bf16 natively"
+    if device.type == "cuda":
+        return "fp16", "this GPU lacks bf16"
+    return "no", f"{device.type} has no native bf16 (emulated bf16 is slower than fp32)"
+
+
+def _check_config(config: RunConfig, llm: LLMConfig) -> None:
+    method, protocol = config.model_name, config.data.protocol
+    extra = sorted(set(config.model) - {"name"})
+    if extra:
+        raise ConfigError("config", f"model.{extra[0]}", f"{method} takes its settings from the llm section")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in TRAIN_FIELDS_USED and getattr(config.train, f.name) != getattr(defaults, f.name):
+            raise ConfigError(
+                "config",
+                f"train.{f.name}",
+                f"has no effect on LLM runs (they read train.{', train.'.join(TRAIN_FIELDS_USED)}); "
+                f"set the llm section instead",
+            )
+    if protocol not in ("next-item", "ctr"):
+        raise ConfigError("config", "data.protocol", f"{method} supports next-item and ctr, not {protocol}")
+    if method == "llara":
+        if protocol != "next-item":
+            raise ConfigError("config", "data.protocol", "llara is defined for next-item only")
+        if not llm.crm_run:
+            raise ConfigError(
+                "config", "llm.crm_run", "llara needs a trained CRM run directory (e.g. SASRec)"
+            )
+    if method != "zero-shot" and llm.max_steps == 0 and llm.epochs == 0:
+        raise ConfigError("config", "llm.epochs", "set llm.epochs or llm.max_steps > 0 to train")
+
+
+def _fingerprint(config: RunConfig, llm: LLMConfig) -> str:
+    """A hash of everything that shapes training, so a checkpoint is never resumed under another config."""
+    llm_fields = {k: v for k, v in dataclasses.asdict(llm).items() if k not in _EVAL_ONLY_FIELDS}
+    data = config.data
+    payload = {
+        "model": config.model,
+        "data": [data.dataset, data.protocol, data.split_seed],
+        "train": [getattr(config.train, name) for name in ("seed", "max_len")],
+        "llm": llm_fields,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --- samples, prompts and batches ---------------------------------------------------------------------------------
+
+
+def training_rows(part: pd.DataFrame, protocol: str, n: int, split_seed: int) -> np.ndarray:
+    """Rows of the train part to train on: all when ``n`` is 0, else the first ``n`` of one fixed permutation
+    (for ctr, the persisted few-shot set ``shot_rank < n``). Sets are nested in ``n`` and shared by every method and
+    training seed, so runs differ only in what they are meant to."""
+    if n <= 0 or n >= len(part):
+        return np.arange(len(part))
+    if protocol == "ctr" and "shot_rank" in part:
+        return np.flatnonzero(part["shot_rank"].to_numpy() < n)
+    permutation = np.random.default_rng([split_seed, _STREAM_SUBSET]).permutation(len(part))
+    return np.sort(permutation[:n])
+
+
+def length_bucketed_batches(
+    lengths: Sequence[int] | np.ndarray, batch_size: int, *, seed: int, epoch: int, chunk_batches: int = 50
+) -> list[list[int]]:
+    """Batches of positions into ``lengths`` for one epoch, grouped by similar length to limit padding.
+
+    The positions are shuffled with (seed, epoch), cut into chunks of ``chunk_batches`` batches, sorted by length
+    (longest first) within each chunk and cut into batches; the full batches are shuffled again and the one short
+    batch, if any, goes last (as in a ``BatchSampler``, which ``accelerate`` shards across processes).
+    """
+    if batch_size < 1 or chunk_batches < 1:
+        raise ValueError(f"batch_size and chunk_batches must be >= 1, got {batch_size} and {chunk_batches}")
+    lengths = np.asarray(lengths)
+    rng = np.random.default_rng([seed, epoch, _STREAM_ORDER])
+    order = rng.permutation(len(lengths))
+    chunk = batch_size * chunk_batches
+    full: list[list[int]] = []
+    short: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        for i in range(0, len(part), batch_size):
+            batch = part[i : i + batch_size].tolist()
+            (full if len(batch) == batch_size else short).append(batch)
+    return [full[i] for i in rng.permutation(len(full))] + short
+
+
+class _PlannedBatches(torch.utils.data.Sampler[list[int]]):
+    """A fixed list of batches, with the ``batch_size`` and ``drop_last`` that ``accelerate`` reads to shard it."""
+
+    def __init__(self, batches: list[list[int]], batch_size: int) -> None:
+        self.batches = batches
+        self.batch_size = batch_size
+        self.drop_last = False
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _collate_indices(indices: list[int]) -> Tensor:
+    return torch.tensor(indices, dtype=torch.long)
+
+
+class PromptFactory:
+    """Prompts and answers for the rows of one protocol part (next-item or ctr), titles from ``prepared.items``.
+
+    ``history_len`` caps a prompt's history at the most recent items; :meth:`prompt` can keep fewer (``n_history``)
+    so a long sample fits the token budget.
+    """
+
+    def __init__(self, prepared: Prepared, part: str, domain: str, history_len: int) -> None:
+        self.protocol = prepared.protocol
+        if self.protocol not in ("next-item", "ctr"):
+            raise ValueError(f"LLM prompts exist for next-item and ctr, not {self.protocol}")
+        self.domain = load_templates(domain)
+        self.frame = prepared.parts[part].reset_index(drop=True)
+        self.titles = _item_titles(prepared.items, prepared.n_items)
+        self.history_len = history_len
+        self.n_templates = len(self.domain.next_item.templates)
+        self.users = self.frame["user_id"].to_numpy(np.int64)
+        self.targets = self.frame["target"].to_numpy(np.int64)
+        self.histories = [np.asarray(h, dtype=np.int64)[-history_len:] for h in self.frame["history"]]
+        self.candidates: list[np.ndarray] = []
+        self.labels: np.ndarray | None = None
+        self.ratings: list[np.ndarray] = []
+        self.profiles: dict[int, dict[str, Any]] = {}
+        if self.protocol == "next-item":
+            self.candidates = [np.asarray(c, dtype=np.int64) for c in self.frame["candidates"]]
+        else:
+            self.labels = self.frame["label"].to_numpy(np.int64)
+            self.ratings = [
+                np.asarray(r, dtype=np.float64)[-history_len:] for r in self.frame["history_ratings"]
+            ]
+            users = prepared.users.drop(columns=["raw_id"], errors="ignore")
+            self.profiles = {int(row.pop("user_id")): row for row in users.to_dict("records")}
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def n_history(self, row: int) -> int:
+        return len(self.histories[row])
+
+    def prompt(
+        self, row: int, *, n_history: int | None = None, template: int = 0, hybrid: bool = False
+    ) -> Prompt:
+        """The prompt of ``row`` with its ``n_history`` most recent history items (default: all kept)."""
+        history = self.histories[row]
+        keep = len(history) if n_history is None else n_history
+        history = history[len(history) - keep :]
+        history_titles = [self.titles[i] for i in history]
+        if self.protocol == "next-item":
+            candidates = self.candidates[row]
+            return build_next_item_prompt(
+                history_titles,
+                [self.titles[i] for i in candidates],
+                self.domain,
+                template,
+                hybrid,
+                history_ids=history.tolist(),
+                candidate_ids=candidates.tolist(),
+            )
+        ratings = self.ratings[row]
+        return build_ctr_prompt(
+            history_titles,
+            self.titles[self.targets[row]],
+            self.domain,
+            history_ratings=ratings[len(ratings) - keep :].tolist(),
+            profile=self.profiles.get(int(self.users[row])),
+            hybrid=hybrid,
+            history_ids=history.tolist(),
+            target_id=int(self.targets[row]),
+        )
+
+    def answer(self, row: int) -> str:
+        """The training answer: the target title (next-item) or "Yes."/"No." (ctr)."""
+        if self.labels is not None:
+            return ctr_answer(int(self.labels[row]), self.domain)
+        return self.titles[self.targets[row]]
+
+    def template(self, row: int, *, seed: int, epoch: int) -> int:
+        """The next-item template of ``row`` in ``epoch`` (a fresh seeded draw per epoch; ctr has one)."""
+        if self.protocol != "next-item":
+            return 0
+        return pick_template_index(self.n_templates, seed=seed, sample_index=row, epoch=epoch)
+
+
+def _item_titles(items: pd.DataFrame, n_items: int) -> list[str]:
+    """Titles indexed by item id; an item without one is called by its source id."""
+    titles = [f"item {i}" for i in range(n_items)]
+    raw = items["raw_id"] if "raw_id" in items else items["item_id"]
+    title_column = items["title"] if "title" in items else pd.Series([None] * len(items))
+    for item_id, title, source in zip(items["item_id"], title_column, raw, strict=True):
+        text = str(title).strip() if isinstance(title, str) else ""
+        titles[int(item_id)] = text or f"item {source}"
+    return titles
+
+
+def encode_fitted(
+    encoder: ItemTokenizer,
+    factory: PromptFactory,
+    rows: Sequence[int],
+    *,
+    templates: Sequence[int],
+    hybrid: bool,
+    max_tokens: int,
+) -> tuple[list[Prompt], EncodedBatch]:
+    """Training inputs for ``rows`` with every sample (prompt + answer) within ``max_tokens``: a sample over the
+    budget drops its oldest history items, one at a time, until it fits."""
+    keep = [factory.n_history(r) for r in rows]
+    answers = [factory.answer(r) for r in rows]
+    while True:
+        prompts = [
+            factory.prompt(r, n_history=k, template=t, hybrid=hybrid)
+            for r, k, t in zip(rows, keep, templates, strict=True)
+        ]
+        batch = encoder.encode(prompts, answers)
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        over = [i for i, n in enumerate(lengths) if n > max_tokens]
+        if not over:
+            return prompts, batch
+        for i in over:
+            if keep[i] == 0:
+                raise ValueError(
+                    f"sample {rows[i]} needs {lengths[i]} tokens without any history, over "
+                    f"llm.max_prompt_tokens={max_tokens}; raise it"
+                )
+            keep[i] -= 1
+
+
+# --- the model --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ItemEmbedder:
+    """LLaRA's hybrid inputs: token embeddings with ``projector(CRM item embedding)`` at every placeholder."""
+
+    embedding: nn.Module
+    item_table: Tensor
+    projector: nn.Module
+
+    def __call__(self, batch: EncodedBatch) -> Tensor:
+        return embed_with_items(
+            self.embedding,
+            batch.input_ids,
+            batch.item_positions,
+            batch.item_ids,
+            self.item_table,
+            self.projector,
+        )
+
+
+def _forward_loss(model: nn.Module, batch: EncodedBatch, embedder: _ItemEmbedder | None) -> Tensor:
+    """The causal-LM loss on the answer tokens of ``batch`` (hybrid inputs when ``embedder`` is given)."""
+    if embedder is not None and batch.item_ids.numel():
+        inputs: dict[str, Tensor] = {"inputs_embeds": embedder(batch)}
+    else:
+        inputs = {"input_ids": batch.input_ids}
+    return model(**inputs, attention_mask=batch.attention_mask, labels=batch.labels).loss
+
+
+def _load_item_table(crm_run: str, prepared: Prepared, dataset: str, device: torch.device) -> Tensor:
+    """The frozen item embeddings [n_items, d] of the best model of a CRM run trained on the same dataset."""
+    from recadapt.cf.checkpoint import load_crm
+
+    run = Path(crm_run).expanduser()
+    if not (run / "best").is_dir():
+        raise ConfigError("config", "llm.crm_run", f"{run} holds no trained CRM (no best/ folder)")
+    config_file = run / "config.yaml"
+    if config_file.exists():
+        from recadapt.train.config import load_config
+
+        trained_on = load_config(config_file).data.dataset
+        if trained_on != dataset:
+            raise ConfigError(
+                "config", "llm.crm_run", f"{run} was trained on {trained_on!r}, this run uses {dataset!r}"
+            )
+    crm = load_crm(run / "best")
+    if crm.n_items != prepared.n_items:
+        raise ConfigError(
+            "config", "llm.crm_run", f"{run} knows {crm.n_items} items, the dataset has {prepared.n_items}"
+        )
+    with torch.no_grad():
+        return crm.item_embeddings().detach().float().to(device)
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LLMTrainerState:
+    """Where training stands; saved as ``state.json`` with every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch in progress (0-based)
+    batch_in_epoch: int = 0  # micro-batches of that epoch this process has consumed
+    tokens: int = 0  # tokens this process has trained on
+    window_loss: float = 0.0  # sums since the last log row
+    window_batches: int = 0
+    window_tokens: int = 0
+    finished: bool = False  # training done (the evaluation may still be pending)
+    num_processes: int = 1
+    fingerprint: str = ""
+
+
+def _save_weights(folder: Path, peft_model: nn.Module | None, projector: nn.Module | None) -> None:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if peft_model is not None:
+        state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+        save_file(_cpu_tensors(state), str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+        peft_model.peft_config["default"].save_pretrained(str(folder))
+    if projector is not None:
+        save_file(
+            _cpu_tensors(projector.state_dict()), str(folder / PROJECTOR_FILE), metadata={"format": "pt"}
+        )
+
+
+def _load_weights(folder: Path, peft_model: nn.Module | None, projector: nn.Module | None) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if peft_model is not None:
+        result = set_peft_model_state_dict(peft_model, load_file(str(folder / ADAPTER_FILE)))
+        if result.unexpected_keys:
+            raise ConfigError(
+                folder, "adapter", f"weights do not fit the model: {result.unexpected_keys[:3]}"
+            )
+    if projector is not None:
+        projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
+
+
+def _cpu_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(
+    accelerator: Accelerator,
+    path: Path,
+    peft_model: nn.Module,
+    projector: nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: LLMTrainerState,
+) -> None:
+    """Replace ``path`` atomically (main process) with everything a resumed run needs; all processes call this."""
+    from accelerate.utils import gather_object
+
+    rng = gather_object([_rng_state()])  # one entry per process, in process order
+    if accelerator.is_main_process:
+        with atomic_directory(path) as tmp:
+            _save_weights(tmp, peft_model, projector)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rng, tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=1), encoding="utf-8")
+    accelerator.wait_for_everyone()
+
+
+def _read_state(path: Path) -> LLMTrainerState | None:
+    try:
+        return LLMTrainerState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return None
+
+
+def _load_checkpoint(
+    accelerator: Accelerator,
+    path: Path,
+    peft_model: nn.Module,
+    projector: nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
+    _load_weights(path, peft_model, projector)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    _set_rng_state(rng[accelerator.process_index])
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows written after the checkpoint a run resumes from, so the log continues without repeats."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = lines[:1] + [line for line in lines[1:] if line.strip() and int(line.split(",", 1)[0]) <= step]
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(kept))
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------------
+
+
+def evaluation_rows(n: int, n_samples: int, split_seed: int) -> np.ndarray:
+    """All ``n`` test rows, or a fixed random subset of ``n_samples`` of them (the same for every method)."""
+    if n_samples <= 0 or n_samples >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([split_seed, _STREAM_EVAL]).choice(n, n_samples, replace=False))
+
+
+def _prompt_inputs(batch: EncodedBatch, embedder: _ItemEmbedder | None) -> list[Tensor]:
+    """One unpadded prompt per row: token ids, or input embeddings [T, H] for hybrid prompts."""
+    mask = batch.attention_mask.bool()
+    if embedder is None or not batch.item_ids.numel():
+        return [batch.input_ids[r][mask[r]] for r in range(len(mask))]
+    with torch.no_grad():
+        embeds = embedder(batch)
+    return [embeds[r][mask[r]] for r in range(len(mask))]
+
+
+def evaluate_llm(
+    model: nn.Module,
+    encoder: ItemTokenizer,
+    factory: PromptFactory,
+    rows: np.ndarray,
+    *,
+    modes: Sequence[str],
+    embedder: _ItemEmbedder | None,
+    max_tokens: int,
+    batch_size: int,
+    max_new_tokens: int,
+    autocast: Callable[[], Any],
+    n_boot: int,
+    seed: int,
+    progress: bool = False,
+) -> dict[str, dict[str, Estimate]]:
+    """Metrics per ranking mode (next-item) or ``{"ctr": ...}`` (AUC, LogLoss, Accuracy), on ``rows`` of the part.
+
+    Next-item: HR@K, NDCG@K and MRR from each mode's :class:`~recadapt.llm.ranking.Ranking` (for ``generate`` and
+    ``constrained`` a top-1 only, so HR@K = HR@1), and ValidRatio with its CI. Prompts use the evaluation template,
+    hybrid when ``embedder`` is given, and the same history truncation as in training.
+    """
+    from recadapt.llm.ranking import rank_candidates, yes_probability
+
+    model.eval()
+    hybrid = embedder is not None
+    answer_ids: dict[str, list[int]] = {}
+
+    def candidate_ids(title: str) -> list[int]:
+        if title not in answer_ids:  # the whole answer, end-of-turn included: "this title, then stop"
+            answer_ids[title] = encoder.answer_token_ids(title)
+        return answer_ids[title]
+
+    scores: dict[str, list[np.ndarray]] = {m: [] for m in modes}
+    valid: dict[str, list[np.ndarray]] = {m: [] for m in modes}
+    probs: list[np.ndarray] = []
+    if factory.protocol == "ctr":
+        yes_id, no_id = (
+            encoder.answer_token_ids(a)[0]
+            for a in (factory.domain.ctr.answer_yes, factory.domain.ctr.answer_no)
+        )
+        if yes_id == no_id:
+            raise ValueError("the Yes and No answers start with the same token; CTR cannot be scored")
+    chunks = [rows[i : i + _EVAL_CHUNK] for i in range(0, len(rows), _EVAL_CHUNK)]
+    for chunk in tqdm(chunks, desc="evaluate", disable=not progress, leave=False):
+        chunk_rows = [int(r) for r in chunk]
+        templates = [EVAL_TEMPLATE_INDEX] * len(chunk_rows)
+        prompts, _ = encode_fitted(
+            encoder, factory, chunk_rows, templates=templates, hybrid=hybrid, max_tokens=max_tokens
+        )
+        device = next(model.parameters()).device
+        inputs = _prompt_inputs(encoder.encode(prompts).to(device), embedder)
+        with autocast():
+            if factory.protocol == "ctr":
+                probs.append(yes_probability(model, inputs, yes_id, no_id, batch_size=batch_size).numpy())
+                continue
+            titles = [[factory.titles[i] for i in factory.candidates[r]] for r in chunk_rows]
+            token_ids = [[candidate_ids(t) for t in row] for row in titles]
+            for mode in modes:
+                ranking = rank_candidates(
+                    mode,  # type: ignore[arg-type]
+                    model,
+                    inputs,
+                    token_ids,
+                    tokenizer=encoder.tokenizer,
+                    candidate_titles=titles,
+                    batch_size=batch_size,
+                    max_new_tokens=max_new_tokens,
+                )
+                scores[mode].append(ranking.scores)
+                valid[mode].append(ranking.valid)
+
+    users = factory.users[rows]
+    if factory.protocol == "ctr":
+        assert factory.labels is not None
+        return {
+            "ctr": ctr_report(factory.labels[rows], np.concatenate(probs), users, n_boot=n_boot, seed=seed)
+        }
+    candidates = np.stack([factory.candidates[r] for r in rows])
+    target_index = (candidates == factory.targets[rows][:, None]).argmax(axis=1)
+    reports: dict[str, dict[str, Estimate]] = {}
+    for mode in modes:
+        ranks = target_ranks(np.concatenate(scores[mode]), target_index)
+        report = ranking_report(ranks, users, ks=RANKING_KS["next-item"], n_boot=n_boot, seed=seed)
+        report["ValidRatio"] = mean_with_ci(
+            np.concatenate(valid[mode]).astype(np.float64), users, n_boot, seed
+        )
+        reports[mode] = report
+    return reports
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+
+def _step_seed(seed: int, step: int, process: int) -> int:
+    return int(np.random.default_rng([seed, step, process, _STREAM_STEP]).integers(2**62))
+
+
+def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Train (``tallrec``, ``llara``) or just evaluate (``zero-shot``) an LLM recommender; returns the metrics
+    JSON payload, also written to ``RUN_DIR/metrics.json``.
+
+    With ``resume`` a run directory holding a checkpoint continues from it (a finished run returns its metrics);
+    without, training starts over.
+    """
+    from accelerate import Accelerator, PartialState
+
+    from recadapt.llm.backbone import load_backbone
+
+    method = config.model_name
+    if method not in LLM_METHODS:
+        raise ConfigError(
+            "config", "model.name", f"{method!r} is not an LLM method ({', '.join(LLM_METHODS)})"
+        )
+    llm = config.llm or LLMConfig()
+    config = dataclasses.replace(config, llm=llm)
+    _check_config(config, llm)
+    data, tc = config.data, config.train
+    run_dir, ckpt_dir = config.run_dir, config.run_dir / CHECKPOINT_DIR
+    fingerprint = _fingerprint(config, llm)
+
+    precision, why = select_precision(PartialState().device, llm.precision)
+    accelerator = Accelerator(gradient_accumulation_steps=llm.grad_accum, mixed_precision=precision)
+    main = accelerator.is_main_process
+    log.info("%s: mixed precision %s (%s)", run_dir, precision, why)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+
+    state = _read_state(ckpt_dir) if resume else None
+    if state is not None and state.fingerprint != fingerprint:
+        raise ConfigError(
+            ckpt_dir, None, "was written under a different training config; run with --restart to start over"
+        )
+    if state is not None and state.finished and (run_dir / "metrics.json").exists():
+        return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    if state is not None and state.num_processes != accelerator.num_processes:
+        raise ConfigError(
+            ckpt_dir,
+            None,
+            f"was written by {state.num_processes} processes, this run has {accelerator.num_processes}; "
+            "resume with the same number or --restart",
+        )
+
+    with accelerator.main_process_first():
+        prepared = ensure_prepared(
+            data.dataset,
+            data.protocol,
+            data_root=data.data_dir,
+            out_root=data.prepared_dir,
+            seed=data.split_seed,
+        )
+    domain = resolve_domain(data.dataset, llm.domain)
+    torch.manual_seed(tc.seed)  # LoRA and projector initialisation (a resumed run loads them anyway)
+    backbone = load_backbone(llm.backbone, dtype=llm.dtype, device=accelerator.device)
+    backbone.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    encoder = ItemTokenizer(backbone.tokenizer, model=backbone.model)
+    item_table = (
+        _load_item_table(llm.crm_run, prepared, data.dataset, accelerator.device)
+        if method == "llara" and llm.crm_run
+        else None
+    )
+    projector = (
+        ItemProjector(item_table.shape[1], backbone.hidden_size).to(accelerator.device)
+        if item_table is not None
+        else None
+    )
+
+    started = time.time()
+    train_factory = PromptFactory(prepared, "train", domain, tc.max_len)
+    subset = training_rows(prepared.parts["train"], data.protocol, llm.train_samples, data.split_seed)
+    model: nn.Module = backbone.model
+    peft_model: nn.Module | None = None
+    if method != "zero-shot":
+        model, peft_model, projector, state = _train(
+            accelerator,
+            config,
+            llm,
+            backbone.model,
+            encoder,
+            train_factory,
+            subset,
+            item_table,
+            projector,
+            state or LLMTrainerState(fingerprint=fingerprint, num_processes=accelerator.num_processes),
+            progress=progress,
+        )
+    train_seconds = time.time() - started
+
+    payload: dict[str, Any] = {}
+    if main:
+        base = accelerator.unwrap_model(peft_model).get_base_model() if peft_model is not None else model
+        embedder = (
+            _ItemEmbedder(base.get_input_embeddings(), item_table, accelerator.unwrap_model(projector))
+            if item_table is not None and projector is not None
+            else None
+        )
+        test_factory = PromptFactory(prepared, "test", domain, tc.max_len)
+        rows = evaluation_rows(len(test_factory), llm.eval_samples, data.split_seed)
+        reports = evaluate_llm(
+            base,
+            encoder,
+            test_factory,
+            rows,
+            modes=llm.eval_modes,
+            embedder=embedder,
+            max_tokens=llm.max_prompt_tokens,
+            batch_size=llm.eval_batch_size,
+            max_new_tokens=llm.max_new_tokens,
+            autocast=accelerator.autocast,
+            n_boot=tc.n_boot,
+            seed=tc.seed,
+            progress=progress,
+        )
+        headline = "ctr" if data.protocol == "ctr" else llm.eval_modes[0]
+        payload = {
+            "run": config.run_name,
+            "model": method,
+            "dataset": data.dataset,
+            "protocol": data.protocol,
+            "seed": tc.seed,
+            "split_seed": data.split_seed,
+            "backbone": llm.backbone,
+            "precision": precision,
+            "optimizer_steps": state.step if state is not None else 0,
+            "train_samples": 0 if method == "zero-shot" else len(subset),
+            "test_samples": len(rows),
+            "ranking_mode": None if data.protocol == "ctr" else headline,
+            "train_seconds_this_process": round(train_seconds, 1),
+            "test": {k: v.to_dict() for k, v in reports[headline].items()},
+        }
+        if data.protocol != "ctr":
+            payload["test_by_mode"] = {m: {k: v.to_dict() for k, v in r.items()} for m, r in reports.items()}
+        write_json_atomic(run_dir / "metrics.json", payload)
+    accelerator.wait_for_everyone()
+    if not main:
+        payload = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    return payload
+
+
+def _train(
+    accelerator: Accelerator,
+    config: RunConfig,
+    llm: LLMConfig,
+    backbone_model: nn.Module,
+    encoder: ItemTokenizer,
+    factory: PromptFactory,
+    subset: np.ndarray,
+    item_table: Tensor | None,
+    projector: nn.Module | None,
+    state: LLMTrainerState,
+    *,
+    progress: bool,
+) -> tuple[nn.Module, nn.Module, nn.Module | None, LLMTrainerState]:
+    """The training loop; returns the prepared model, the PEFT model, the projector and the final state."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_cosine_schedule_with_warmup
+
+    seed, run_dir = config.train.seed, config.run_dir
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    lora = LoraConfig(
+        r=llm.lora_r,
+        lora_alpha=llm.lora_alpha,
+        lora_dropout=llm.lora_dropout,
+        target_modules=list(llm.lora_target_modules),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        peft_model = get_peft_model(backbone_model, lora)
+    except ValueError as err:  # e.g. a target module the backbone does not have
+        raise ConfigError("config", "llm.lora_target_modules", str(err)) from err
+    groups = [
+        {"params": [p for p in peft_model.parameters() if p.requires_grad], "lr": llm.lr, "name": "lora"},
+    ]
+    if projector is not None:
+        groups.append(
+            {"params": list(projector.parameters()), "lr": llm.projector_lr or llm.lr, "name": "projector"}
+        )
+    optimizer = torch.optim.AdamW(groups, lr=llm.lr, weight_decay=llm.weight_decay)
+
+    # token lengths (text prompt, evaluation template, answer) order the samples for bucketing
+    texts = [factory.prompt(int(r)).text + " " + factory.answer(int(r)) for r in subset]
+    lengths = np.array([len(ids) for ids in encoder.tokenizer(texts, add_special_tokens=False)["input_ids"]])
+
+    def loader_for(epoch: int) -> Any:
+        plan = length_bucketed_batches(
+            lengths, llm.batch_size, seed=seed, epoch=epoch, chunk_batches=llm.bucket_batches
+        )
+        loader = torch.utils.data.DataLoader(
+            range(len(subset)),
+            batch_sampler=_PlannedBatches(plan, llm.batch_size),
+            collate_fn=_collate_indices,
+        )
+        return accelerator.prepare_data_loader(loader)
+
+    steps_per_epoch = math.ceil(len(loader_for(0)) / llm.grad_accum)
+    total_steps = llm.max_steps or llm.epochs * steps_per_epoch
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, math.ceil(llm.warmup_ratio * total_steps), total_steps
+    )
+    raw_projector = (
+        projector  # saved and loaded unwrapped; the prepared one (DDP under several processes) trains
+    )
+    if projector is not None:
+        model, projector, optimizer = accelerator.prepare(peft_model, projector, optimizer)
+    else:
+        model, optimizer = accelerator.prepare(peft_model, optimizer)
+    if state.step > 0 or state.finished:
+        _load_checkpoint(accelerator, ckpt_dir, peft_model, raw_projector, optimizer, scheduler)
+        log.info(
+            "resuming %s at step %d (epoch %d, batch %d)",
+            run_dir,
+            state.step,
+            state.epoch,
+            state.batch_in_epoch,
+        )
+    if accelerator.is_main_process:
+        _truncate_log(run_dir / "log.csv", state.step)
+    logger = RunLogger(run_dir) if accelerator.is_main_process else None
+
+    embedder = (
+        _ItemEmbedder(accelerator.unwrap_model(model).get_input_embeddings(), item_table, projector)
+        if item_table is not None and projector is not None
+        else None
+    )
+    curriculum = CurriculumSchedule(total_steps, seed=seed) if embedder is not None else None
+    trainable = [p for group in groups for p in group["params"]]
+    bar = tqdm(
+        total=total_steps,
+        initial=state.step,
+        desc=config.run_name,
+        disable=not (progress and accelerator.is_main_process),
+        dynamic_ncols=True,
+    )
+    window_started = time.time()
+    model.train()
+    if projector is not None:
+        projector.train()
+    while state.step < total_steps and not state.finished:
+        loader = loader_for(state.epoch)
+        epoch_batches = len(loader)
+        if state.batch_in_epoch >= epoch_batches:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            continue
+        if state.batch_in_epoch:
+            loader = accelerator.skip_first_batches(loader, state.batch_in_epoch)
+        micro = 0  # micro-batch within the optimizer step (checkpoints fall on step boundaries)
+        for indices in loader:
+            if micro == 0:
+                torch.manual_seed(_step_seed(seed, state.step, accelerator.process_index))
+            hybrid = curriculum is not None and curriculum.use_hybrid(state.step, micro)
+            rows = [int(subset[i]) for i in indices.tolist()]
+            templates = [factory.template(r, seed=seed, epoch=state.epoch) for r in rows]
+            _, batch = encode_fitted(
+                encoder, factory, rows, templates=templates, hybrid=hybrid, max_tokens=llm.max_prompt_tokens
+            )
+            batch = batch.to(accelerator.device)
+            with accelerator.accumulate(*([model] if projector is None else [model, projector])):
+                loss = _forward_loss(model, batch, embedder if hybrid else None)
+                value = (
+                    float(accelerator.reduce(loss.detach(), "mean"))
+                    if accelerator.num_processes > 1
+                    else float(loss.detach())
+                )
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(
+                        f"{run_dir}: loss is {value} at epoch {state.epoch + 1}, step {state.step}; "
+                        "lower llm.lr or check the data"
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and llm.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, llm.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            tokens = int(batch.attention_mask.sum())
+            state.batch_in_epoch += 1
+            state.tokens += tokens
+            state.window_loss += value
+            state.window_batches += 1
+            state.window_tokens += tokens
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            state.step += 1
+            micro = 0
+            bar.update(1)
+            if state.step % llm.log_every == 0 or state.step == total_steps:
+                elapsed = max(time.time() - window_started, 1e-9)
+                row = {
+                    "train/loss": state.window_loss / state.window_batches,
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/tokens_per_second": state.window_tokens * accelerator.num_processes / elapsed,
+                    "train/epoch": state.epoch + state.batch_in_epoch / epoch_batches,
+                }
+                if curriculum is not None:
+                    row["train/p_hybrid"] = curriculum.probability(state.step)
+                bar.set_postfix(
+                    loss=f"{row['train/loss']:.4f}", tok_s=f"{row['train/tokens_per_second']:.0f}"
+                )
+                if logger is not None:
+                    logger.log(state.step, row)
+                state.window_loss, state.window_batches, state.window_tokens = 0.0, 0, 0
+                window_started = time.time()
+            if state.step >= total_steps:
+                break
+            if state.step % llm.checkpoint_every == 0:
+                _save_checkpoint(
+                    accelerator, ckpt_dir, peft_model, raw_projector, optimizer, scheduler, state
+                )
+        else:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    bar.close()
+    if logger is not None:
+        logger.close()
+    if not state.finished:
+        state.finished = True
+        _save_checkpoint(accelerator, ckpt_dir, peft_model, raw_projector, optimizer, scheduler, state)
+        if accelerator.is_main_process:
+            with atomic_directory(run_dir / FINAL_DIR) as tmp:
+                _save_weights(tmp, peft_model, raw_projector)
+    return model, peft_model, projector, state

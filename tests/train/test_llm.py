@@ -1,0 +1,306 @@
+"""The LLM training recipe end to end on the committed RecBole ``patterns`` fixture with a tiny random Llama saved
+as a local model folder (offline): training, checkpoints, SIGKILL + resume, LLaRA's injection, NaN stop."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub, before transformers reads its settings
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_llm import save_tiny_backbone
+
+from recadapt.cli import main
+from recadapt.errors import ConfigError
+from recadapt.train.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE = REPO / "tests" / "fixtures" / "recbole" / "patterns" / "patterns"
+TINY_RUN = [
+    "train.num_threads=1",
+    "train.n_boot=50",
+    "llm.train_samples=32",
+    "llm.batch_size=4",
+    "llm.grad_accum=2",  # 8 micro-batches an epoch -> 4 optimizer steps an epoch
+    "llm.epochs=2",
+    "llm.lr=1e-2",
+    "llm.checkpoint_every=3",  # the first checkpoint falls mid-epoch (step 3 of 4)
+    "llm.log_every=1",
+    "llm.eval_modes=[constrained,score]",
+    "llm.eval_batch_size=12",
+]
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    """Tiny models run much faster on one thread than on two contended ones."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny backbone folder and a prepared-split folder shared by the module's runs."""
+    root = tmp_path_factory.mktemp("llm")
+    save_tiny_backbone(root / "backbone")
+    return root
+
+
+def _args(workdir: Path, method: str, run: str, *extra: str, protocol: str = "next-item") -> list[str]:
+    return [
+        "train",
+        "--config",
+        str(REPO / "configs" / f"{method}.yaml"),
+        f"--dataset=recbole:{FIXTURE}",
+        f"--protocol={protocol}",
+        f"data.prepared_dir={workdir / 'prepared'}",
+        f"output_dir={workdir / 'runs'}",
+        f"name={run}",
+        f"llm.backbone={workdir / 'backbone'}",
+        *TINY_RUN,
+        *extra,
+    ]
+
+
+def _metrics(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _log(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "log.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_tallrec_trains_and_writes_metrics_checkpoints_and_logs(workdir: Path, capsys) -> None:
+    assert main(_args(workdir, "tallrec", "tallrec", "llm.eval_modes=[constrained,score,generate]")) == 0
+    run_dir = workdir / "runs" / "tallrec"
+    metrics = _metrics(run_dir)
+    assert metrics["model"] == "tallrec" and metrics["optimizer_steps"] == 8 and metrics["train_samples"] == 32
+    assert metrics["ranking_mode"] == "constrained" and metrics["test_samples"] == 12
+    assert set(metrics["test_by_mode"]) == {"constrained", "score", "generate"}
+    assert metrics["test"] == metrics["test_by_mode"]["constrained"]
+    for mode, report in metrics["test_by_mode"].items():
+        for name in ("HR@1", "NDCG@10", "ValidRatio"):  # what `recadapt report` tabulates
+            estimate = report[name]
+            assert estimate["low"] <= estimate["value"] <= estimate["high"], (mode, name)
+    assert metrics["test_by_mode"]["score"]["ValidRatio"]["value"] == 1.0
+    assert metrics["test_by_mode"]["generate"]["HR@1"]["value"] <= metrics["test_by_mode"]["generate"][
+        "ValidRatio"
+    ]["value"]
+
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert state["finished"] and state["step"] == 8
+    for name in ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng.pt"):
+        assert (run_dir / "checkpoint" / name).is_file(), name
+    adapter = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in key for key in adapter)
+    assert any(float(t.abs().sum()) > 0 for k, t in adapter.items() if "lora_B" in k), "LoRA B never trained"
+    assert [int(row["step"]) for row in _log(run_dir)] == list(range(1, 9))
+    assert {"train/loss", "train/lr", "train/tokens_per_second"} <= set(_log(run_dir)[0])
+    assert list((run_dir / "tb").iterdir()), "no TensorBoard events"
+    printed = capsys.readouterr().out
+    assert "8 optimizer steps, ranking mode constrained" in printed and "test HR@1" in printed
+
+    # a finished run returns its metrics without training again
+    assert main(_args(workdir, "tallrec", "tallrec", "llm.eval_modes=[constrained,score,generate]")) == 0
+    assert _metrics(run_dir) == metrics
+
+
+def test_loss_decreases_on_a_repeated_tiny_batch(workdir: Path) -> None:
+    extra = ["llm.train_samples=4", "llm.grad_accum=1", "llm.epochs=12", "llm.warmup_ratio=0", "llm.lr=3e-2"]
+    assert main(_args(workdir, "tallrec", "repeat", *extra, "llm.eval_modes=[score]")) == 0
+    losses = [float(row["train/loss"]) for row in _log(workdir / "runs" / "repeat")]
+    assert len(losses) == 12
+    assert np.mean(losses[-3:]) < 0.6 * losses[0], losses
+
+
+KILLER = """
+import os, signal, sys
+from recadapt.train.logger import RunLogger
+
+kill_at = int(os.environ["RECADAPT_TEST_KILL_AT_STEP"])
+log = RunLogger.log
+
+def log_then_die(self, step, values):
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    log(self, step, values)
+
+RunLogger.log = log_then_die
+from recadapt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(workdir: Path) -> None:
+    interrupted = _args(workdir, "tallrec", "interrupted", "llm.lora_dropout=0.3")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RECADAPT_TEST_KILL_AT_STEP": "5"}
+    killed = subprocess.run([sys.executable, "-c", KILLER, *interrupted], env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    run_dir = workdir / "runs" / "interrupted"
+    assert not (run_dir / "metrics.json").exists()
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    # killed at step 5; the last checkpoint is step 3, mid-way through the first epoch
+    assert (state["step"], state["epoch"], state["batch_in_epoch"], state["finished"]) == (3, 0, 6, False)
+    assert [int(row["step"]) for row in _log(run_dir)] == [1, 2, 3, 4]
+
+    assert main(interrupted) == 0  # same command: resumes at the checkpoint's batch
+    assert main(_args(workdir, "tallrec", "straight", "llm.lora_dropout=0.3")) == 0
+    straight_dir = workdir / "runs" / "straight"
+    resumed, straight = _metrics(run_dir), _metrics(straight_dir)
+    assert resumed["optimizer_steps"] == straight["optimizer_steps"] == 8
+    assert resumed["test"] == straight["test"]
+    assert resumed["test_by_mode"] == straight["test_by_mode"]
+    resumed_log, straight_log = _log(run_dir), _log(straight_dir)
+    assert [int(row["step"]) for row in resumed_log] == list(range(1, 9)), "the log must continue, not repeat"
+    assert [row["train/loss"] for row in resumed_log] == [row["train/loss"] for row in straight_log]
+    a = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+    b = load_file(str(straight_dir / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_llara_injects_projected_crm_embeddings(workdir: Path, monkeypatch) -> None:
+    import recadapt.train.llm as llm_module
+    from recadapt.train.crm import train_crm
+
+    crm_config = load_config(
+        REPO / "configs" / "sasrec.yaml",
+        [
+            f"data.dataset=recbole:{FIXTURE}",
+            f"data.prepared_dir={workdir / 'prepared'}",
+            f"output_dir={workdir / 'runs'}",
+            "name=sasrec",
+            "model.hidden_size=16",
+            "train.epochs=1",
+            "train.n_boot=10",
+        ],
+    )
+    train_crm(crm_config, progress=False)
+
+    calls: list[tuple[bool, int, torch.Tensor]] = []
+    embed = llm_module.embed_with_items
+
+    def spy(embedding, input_ids, positions, item_ids, item_table, projector):
+        out = embed(embedding, input_ids, positions, item_ids, item_table, projector)
+        first_weight = next(projector.parameters())
+        calls.append((first_weight.requires_grad and torch.is_grad_enabled(), len(item_ids), first_weight.clone()))
+        rows, cols = positions.unbind(1)
+        expected = projector(item_table[item_ids]).to(out.dtype)
+        assert torch.allclose(out[rows, cols], expected)  # the placeholders carry the projected CRM rows
+        assert item_table.shape[1] == 16
+        return out
+
+    monkeypatch.setattr(llm_module, "embed_with_items", spy)
+    args = _args(workdir, "llara", "llara", f"llm.crm_run={workdir / 'runs' / 'sasrec'}", "llm.projector_lr=1e-2")
+    assert main(args) == 0
+    run_dir = workdir / "runs" / "llara"
+    training = [c for c in calls if c[0]]
+    evaluation = [c for c in calls if not c[0]]
+    assert training, "the curriculum never chose a hybrid batch"
+    assert evaluation and all(n > 0 for _, n, _ in evaluation), "evaluation must use hybrid prompts"
+    assert all(n == 4 * (10 + 20) or n > 0 for _, n, _ in training)
+    p_hybrid = [float(row["train/p_hybrid"]) for row in _log(run_dir)]
+    assert p_hybrid == sorted(p_hybrid) and p_hybrid[-1] == 1.0
+    # the projector trained: its final weights differ from those of its first hybrid batch
+    final = load_file(str(run_dir / "final" / "projector.safetensors"))
+    assert not torch.equal(final["net.0.weight"], training[0][2])
+    assert "HR@1" in _metrics(run_dir)["test"]
+
+
+def test_zero_shot_and_ctr(workdir: Path) -> None:
+    assert main(_args(workdir, "zero-shot", "zero-shot", "llm.eval_modes=[score]")) == 0
+    metrics = _metrics(workdir / "runs" / "zero-shot")
+    assert metrics["optimizer_steps"] == 0 and not (workdir / "runs" / "zero-shot" / "checkpoint").exists()
+    assert metrics["ranking_mode"] == "score"
+
+    ctr = ["llm.train_samples=16", "llm.epochs=1", "llm.eval_samples=40", "llm.checkpoint_every=50"]
+    assert main(_args(workdir, "tallrec", "ctr", *ctr, protocol="ctr")) == 0
+    metrics = _metrics(workdir / "runs" / "ctr")
+    assert metrics["protocol"] == "ctr" and metrics["test_samples"] == 40 and metrics["train_samples"] == 16
+    assert set(metrics["test"]) == {"AUC", "LogLoss", "Accuracy"}
+
+
+def test_nan_loss_stops_with_a_clear_message(workdir: Path, capsys, monkeypatch) -> None:
+    import recadapt.train.llm as llm_module
+
+    monkeypatch.setattr(
+        llm_module, "_forward_loss", lambda *_: torch.tensor(float("nan"), requires_grad=True)
+    )
+    assert main(_args(workdir, "tallrec", "nan")) == 2
+    err = capsys.readouterr().err
+    assert "loss is nan at epoch 1, step 0" in err and "llm.lr" in err
+
+
+# --- pieces -------------------------------------------------------------------------------------------------------
+
+
+def test_length_bucketed_batches_cover_every_sample_once_with_little_padding() -> None:
+    from recadapt.train.llm import length_bucketed_batches
+
+    lengths = np.random.default_rng(0).integers(10, 500, size=203)
+    batches = length_bucketed_batches(lengths, 8, seed=1, epoch=0, chunk_batches=5)
+    assert sorted(i for b in batches for i in b) == list(range(203))
+    assert [len(b) for b in batches[:-1]] == [8] * 25 and len(batches[-1]) == 3  # the short batch goes last
+    assert batches == length_bucketed_batches(lengths, 8, seed=1, epoch=0, chunk_batches=5)
+    assert batches != length_bucketed_batches(lengths, 8, seed=1, epoch=1, chunk_batches=5)
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    shuffled = np.random.default_rng(2).permutation(203)
+    padded_random = sum(8 * lengths[shuffled[i : i + 8]].max() for i in range(0, 203, 8))
+    assert padded < 0.8 * padded_random
+
+
+def test_long_prompts_drop_their_oldest_history_items(workdir: Path) -> None:
+    from recadapt.data.store import ensure_prepared
+    from recadapt.llm.prompts import ItemTokenizer
+    from recadapt.train.llm import PromptFactory, encode_fitted
+    from tiny_llm import byte_tokenizer
+
+    prepared = ensure_prepared(f"recbole:{FIXTURE}", "next-item", out_root=workdir / "prepared")
+    factory = PromptFactory(prepared, "train", "item", history_len=10)
+    encoder = ItemTokenizer(byte_tokenizer())
+    rows = [r for r in range(len(factory)) if factory.n_history(r) == 10][:4]
+    full = encoder.encode([factory.prompt(r) for r in rows], [factory.answer(r) for r in rows])
+    limit = int(full.attention_mask.sum(1).min()) - 40
+    prompts, batch = encode_fitted(encoder, factory, rows, templates=[0] * 4, hybrid=False, max_tokens=limit)
+    assert int(batch.attention_mask.sum(1).max()) <= limit
+    for row, prompt in zip(rows, prompts, strict=True):
+        kept = factory.titles[factory.histories[row][-1]]
+        dropped = factory.titles[factory.histories[row][0]]
+        assert kept in prompt.text and f"{dropped}," not in prompt.text.split("Choose")[0]
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        encode_fitted(encoder, factory, rows, templates=[0] * 4, hybrid=False, max_tokens=50)
+
+
+def test_llm_config_errors_name_the_field(tmp_path: Path, workdir: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  name: tallrec\nllm:\n  eval_modes: [generate, beam]\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:4: field 'llm.eval_modes'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="llm"):
+        load_config(None, ["model.name=sasrec", "llm.lr=1e-3"])
+    with pytest.raises(ConfigError, match=r"<command line>: field 'llm.batch_size'"):
+        load_config(None, ["model.name=tallrec", "llm.batch_size=0"])
+    config = load_config(REPO / "configs" / "llara.yaml")
+    assert config.llm is not None and config.llm.crm_run and config.llm.lora_r == 8
+    assert "llm" not in load_config(REPO / "configs" / "sasrec.yaml").to_dict()
+    # CRM-only train fields are refused for LLM runs rather than silently ignored
+    from recadapt.train.llm import train_llm
+
+    with pytest.raises(ConfigError, match="train.epochs"):
+        train_llm(load_config(REPO / "configs" / "tallrec.yaml", ["train.epochs=3"]))
+    with pytest.raises(ConfigError, match="llm.crm_run"):
+        train_llm(load_config(REPO / "configs" / "llara.yaml", ["llm.crm_run=null"]))
