@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_llm import save_tiny_backbone
+from tiny_llm import byte_tokenizer, save_tiny_backbone
 
 from recadapt.cli import main
 from recadapt.errors import ConfigError
@@ -89,7 +89,9 @@ def test_tallrec_trains_and_writes_metrics_checkpoints_and_logs(workdir: Path, c
     assert main(_args(workdir, "tallrec", "tallrec", "llm.eval_modes=[constrained,score,generate]")) == 0
     run_dir = workdir / "runs" / "tallrec"
     metrics = _metrics(run_dir)
-    assert metrics["model"] == "tallrec" and metrics["optimizer_steps"] == 8 and metrics["train_samples"] == 32
+    assert (
+        metrics["model"] == "tallrec" and metrics["optimizer_steps"] == 8 and metrics["train_samples"] == 32
+    )
     assert metrics["ranking_mode"] == "constrained" and metrics["test_samples"] == 12
     assert set(metrics["test_by_mode"]) == {"constrained", "score", "generate"}
     assert metrics["test"] == metrics["test_by_mode"]["constrained"]
@@ -98,13 +100,20 @@ def test_tallrec_trains_and_writes_metrics_checkpoints_and_logs(workdir: Path, c
             estimate = report[name]
             assert estimate["low"] <= estimate["value"] <= estimate["high"], (mode, name)
     assert metrics["test_by_mode"]["score"]["ValidRatio"]["value"] == 1.0
-    assert metrics["test_by_mode"]["generate"]["HR@1"]["value"] <= metrics["test_by_mode"]["generate"][
-        "ValidRatio"
-    ]["value"]
+    assert (
+        metrics["test_by_mode"]["generate"]["HR@1"]["value"]
+        <= metrics["test_by_mode"]["generate"]["ValidRatio"]["value"]
+    )
 
     state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
     assert state["finished"] and state["step"] == 8
-    for name in ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng.pt"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng.pt",
+    ):
         assert (run_dir / "checkpoint" / name).is_file(), name
     adapter = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
     assert adapter and all("lora_" in key for key in adapter)
@@ -115,9 +124,14 @@ def test_tallrec_trains_and_writes_metrics_checkpoints_and_logs(workdir: Path, c
     printed = capsys.readouterr().out
     assert "8 optimizer steps, ranking mode constrained" in printed and "test HR@1" in printed
 
-    # a finished run returns its metrics without training again
+    # a finished run returns its metrics without training again; new evaluation settings only re-evaluate
     assert main(_args(workdir, "tallrec", "tallrec", "llm.eval_modes=[constrained,score,generate]")) == 0
     assert _metrics(run_dir) == metrics
+    assert main(_args(workdir, "tallrec", "tallrec", "llm.eval_modes=[score]")) == 0
+    again = _metrics(run_dir)
+    assert again["ranking_mode"] == "score" and again["optimizer_steps"] == 8
+    assert again["test"] == metrics["test_by_mode"]["score"]  # the same trained weights
+    assert [int(row["step"]) for row in _log(run_dir)] == list(range(1, 9))
 
 
 def test_loss_decreases_on_a_repeated_tiny_batch(workdir: Path) -> None:
@@ -125,7 +139,7 @@ def test_loss_decreases_on_a_repeated_tiny_batch(workdir: Path) -> None:
     assert main(_args(workdir, "tallrec", "repeat", *extra, "llm.eval_modes=[score]")) == 0
     losses = [float(row["train/loss"]) for row in _log(workdir / "runs" / "repeat")]
     assert len(losses) == 12
-    assert np.mean(losses[-3:]) < 0.6 * losses[0], losses
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
 
 
 KILLER = """
@@ -197,7 +211,9 @@ def test_llara_injects_projected_crm_embeddings(workdir: Path, monkeypatch) -> N
     def spy(embedding, input_ids, positions, item_ids, item_table, projector):
         out = embed(embedding, input_ids, positions, item_ids, item_table, projector)
         first_weight = next(projector.parameters())
-        calls.append((first_weight.requires_grad and torch.is_grad_enabled(), len(item_ids), first_weight.clone()))
+        calls.append(
+            (first_weight.requires_grad and torch.is_grad_enabled(), len(item_ids), first_weight.clone())
+        )
         rows, cols = positions.unbind(1)
         expected = projector(item_table[item_ids]).to(out.dtype)
         assert torch.allclose(out[rows, cols], expected)  # the placeholders carry the projected CRM rows
@@ -205,16 +221,18 @@ def test_llara_injects_projected_crm_embeddings(workdir: Path, monkeypatch) -> N
         return out
 
     monkeypatch.setattr(llm_module, "embed_with_items", spy)
-    args = _args(workdir, "llara", "llara", f"llm.crm_run={workdir / 'runs' / 'sasrec'}", "llm.projector_lr=1e-2")
+    args = _args(
+        workdir, "llara", "llara", f"llm.crm_run={workdir / 'runs' / 'sasrec'}", "llm.projector_lr=1e-2"
+    )
     assert main(args) == 0
     run_dir = workdir / "runs" / "llara"
     training = [c for c in calls if c[0]]
     evaluation = [c for c in calls if not c[0]]
     assert training, "the curriculum never chose a hybrid batch"
     assert evaluation and all(n > 0 for _, n, _ in evaluation), "evaluation must use hybrid prompts"
-    assert all(n == 4 * (10 + 20) or n > 0 for _, n, _ in training)
+    assert all(n > 0 for _, n, _ in training)
     p_hybrid = [float(row["train/p_hybrid"]) for row in _log(run_dir)]
-    assert p_hybrid == sorted(p_hybrid) and p_hybrid[-1] == 1.0
+    assert p_hybrid == [step / 8 for step in range(8)]  # LLaRA's curriculum: p = step / total_steps
     # the projector trained: its final weights differ from those of its first hybrid batch
     final = load_file(str(run_dir / "final" / "projector.safetensors"))
     assert not torch.equal(final["net.0.weight"], training[0][2])
@@ -224,8 +242,9 @@ def test_llara_injects_projected_crm_embeddings(workdir: Path, monkeypatch) -> N
 def test_zero_shot_and_ctr(workdir: Path) -> None:
     assert main(_args(workdir, "zero-shot", "zero-shot", "llm.eval_modes=[score]")) == 0
     metrics = _metrics(workdir / "runs" / "zero-shot")
-    assert metrics["optimizer_steps"] == 0 and not (workdir / "runs" / "zero-shot" / "checkpoint").exists()
-    assert metrics["ranking_mode"] == "score"
+    assert metrics["optimizer_steps"] == 0 and metrics["ranking_mode"] == "score"
+    checkpoint = workdir / "runs" / "zero-shot" / "checkpoint"
+    assert [p.name for p in checkpoint.iterdir()] == ["state.json"]  # nothing trained, the run is done
 
     ctr = ["llm.train_samples=16", "llm.epochs=1", "llm.eval_samples=40", "llm.checkpoint_every=50"]
     assert main(_args(workdir, "tallrec", "ctr", *ctr, protocol="ctr")) == 0
@@ -267,7 +286,6 @@ def test_long_prompts_drop_their_oldest_history_items(workdir: Path) -> None:
     from recadapt.data.store import ensure_prepared
     from recadapt.llm.prompts import ItemTokenizer
     from recadapt.train.llm import PromptFactory, encode_fitted
-    from tiny_llm import byte_tokenizer
 
     prepared = ensure_prepared(f"recbole:{FIXTURE}", "next-item", out_root=workdir / "prepared")
     factory = PromptFactory(prepared, "train", "item", history_len=10)

@@ -22,7 +22,9 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +113,7 @@ def native_bf16(device: torch.device) -> bool:
         return bool(torch.cuda.is_bf16_supported())
     if device.type != "cpu":
         return False
-    get_capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.11
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)  # recent torch; else read /proc/cpuinfo
     if get_capabilities is not None:
         caps = get_capabilities()
         return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
@@ -158,6 +160,16 @@ def _check_config(config: RunConfig, llm: LLMConfig) -> None:
             )
     if method != "zero-shot" and llm.max_steps == 0 and llm.epochs == 0:
         raise ConfigError("config", "llm.epochs", "set llm.epochs or llm.max_steps > 0 to train")
+
+
+def _evaluation_settings(config: RunConfig, llm: LLMConfig) -> dict[str, Any]:
+    """What the test metrics depend on beyond the trained weights (recorded in ``metrics.json``)."""
+    return {
+        "modes": list(llm.eval_modes),
+        "samples": llm.eval_samples,
+        "max_new_tokens": llm.max_new_tokens,
+        "n_boot": config.train.n_boot,
+    }
 
 
 def _fingerprint(config: RunConfig, llm: LLMConfig) -> str:
@@ -576,7 +588,7 @@ def evaluate_llm(
     ``constrained`` a top-1 only, so HR@K = HR@1), and ValidRatio with its CI. Prompts use the evaluation template,
     hybrid when ``embedder`` is given, and the same history truncation as in training.
     """
-    from recadapt.llm.ranking import rank_candidates, yes_probability
+    from recadapt.llm.ranking import RankingMode, rank_candidates, yes_probability
 
     model.eval()
     hybrid = embedder is not None
@@ -614,7 +626,7 @@ def evaluate_llm(
             token_ids = [[candidate_ids(t) for t in row] for row in titles]
             for mode in modes:
                 ranking = rank_candidates(
-                    mode,  # type: ignore[arg-type]
+                    typing.cast(RankingMode, mode),
                     model,
                     inputs,
                     token_ids,
@@ -679,6 +691,8 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
     accelerator = Accelerator(gradient_accumulation_steps=llm.grad_accum, mixed_precision=precision)
     main = accelerator.is_main_process
     log.info("%s: mixed precision %s (%s)", run_dir, precision, why)
+    if progress and main:
+        tqdm.write(f"{config.run_name}: mixed precision {precision} ({why}), device {accelerator.device}")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
@@ -690,8 +704,12 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
         raise ConfigError(
             ckpt_dir, None, "was written under a different training config; run with --restart to start over"
         )
+    evaluation = _evaluation_settings(config, llm)
     if state is not None and state.finished and (run_dir / "metrics.json").exists():
-        return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        previous = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        if previous.get("evaluation") == evaluation:
+            return previous
+        log.info("%s: evaluation settings changed; evaluating the trained model again", run_dir)
     if state is not None and state.num_processes != accelerator.num_processes:
         raise ConfigError(
             ckpt_dir,
@@ -699,6 +717,12 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
             f"was written by {state.num_processes} processes, this run has {accelerator.num_processes}; "
             "resume with the same number or --restart",
         )
+    if state is None and main:
+        for stale in (run_dir / "metrics.json", run_dir / "log.csv", run_dir / FINAL_DIR):  # an earlier run's
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
 
     with accelerator.main_process_first():
         prepared = ensure_prepared(
@@ -745,6 +769,13 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
         )
     train_seconds = time.time() - started
 
+    if method == "zero-shot" and main:  # nothing to train: the checkpoint records that the run is done
+        state = LLMTrainerState(
+            finished=True, num_processes=accelerator.num_processes, fingerprint=fingerprint
+        )
+        with atomic_directory(ckpt_dir) as tmp:
+            (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=1), encoding="utf-8")
+
     payload: dict[str, Any] = {}
     if main:
         base = accelerator.unwrap_model(peft_model).get_base_model() if peft_model is not None else model
@@ -781,10 +812,12 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
             "backbone": llm.backbone,
             "precision": precision,
             "optimizer_steps": state.step if state is not None else 0,
+            "train_tokens": state.tokens if state is not None else 0,
             "train_samples": 0 if method == "zero-shot" else len(subset),
             "test_samples": len(rows),
             "ranking_mode": None if data.protocol == "ctr" else headline,
             "train_seconds_this_process": round(train_seconds, 1),
+            "evaluation": evaluation,
             "test": {k: v.to_dict() for k, v in reports[headline].items()},
         }
         if data.protocol != "ctr":
@@ -856,15 +889,15 @@ def _train(
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, math.ceil(llm.warmup_ratio * total_steps), total_steps
     )
-    raw_projector = (
-        projector  # saved and loaded unwrapped; the prepared one (DDP under several processes) trains
-    )
+    # the projector is saved and loaded unwrapped; the prepared one (DDP under several processes) trains
+    raw_projector = projector
     if projector is not None:
         model, projector, optimizer = accelerator.prepare(peft_model, projector, optimizer)
     else:
         model, optimizer = accelerator.prepare(peft_model, optimizer)
     if state.step > 0 or state.finished:
         _load_checkpoint(accelerator, ckpt_dir, peft_model, raw_projector, optimizer, scheduler)
+        state.window_tokens = 0  # tokens/s restarts with the clock; loss sums carry over
         log.info(
             "resuming %s at step %d (epoch %d, batch %d)",
             run_dir,
@@ -939,6 +972,7 @@ def _train(
             micro += 1
             if not accelerator.sync_gradients:
                 continue
+            step_lr = scheduler.get_last_lr()[0]  # the LoRA learning rate this step used
             scheduler.step()
             state.step += 1
             micro = 0
@@ -947,12 +981,12 @@ def _train(
                 elapsed = max(time.time() - window_started, 1e-9)
                 row = {
                     "train/loss": state.window_loss / state.window_batches,
-                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/lr": step_lr,
                     "train/tokens_per_second": state.window_tokens * accelerator.num_processes / elapsed,
                     "train/epoch": state.epoch + state.batch_in_epoch / epoch_batches,
                 }
                 if curriculum is not None:
-                    row["train/p_hybrid"] = curriculum.probability(state.step)
+                    row["train/p_hybrid"] = curriculum.probability(state.step - 1)  # this step's
                 bar.set_postfix(
                     loss=f"{row['train/loss']:.4f}", tok_s=f"{row['train/tokens_per_second']:.0f}"
                 )
@@ -971,10 +1005,10 @@ def _train(
     bar.close()
     if logger is not None:
         logger.close()
+    if accelerator.is_main_process:
+        with atomic_directory(run_dir / FINAL_DIR) as tmp:
+            _save_weights(tmp, peft_model, raw_projector)
     if not state.finished:
         state.finished = True
         _save_checkpoint(accelerator, ckpt_dir, peft_model, raw_projector, optimizer, scheduler, state)
-        if accelerator.is_main_process:
-            with atomic_directory(run_dir / FINAL_DIR) as tmp:
-                _save_weights(tmp, peft_model, raw_projector)
     return model, peft_model, projector, state
