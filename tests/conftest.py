@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,17 @@ def shared_data() -> Path:
 def fixtures_dir() -> Path:
     """Small hand-written data files committed with the tests."""
     return FIXTURES
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """One torch thread for the test: tiny models run ~100x faster on one thread than on two contended ones.
+
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    import torch  # imported here, so that collecting the tests that never use torch does not load it
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

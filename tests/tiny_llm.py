@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub, before transformers reads its settings
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -38,32 +39,41 @@ def byte_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_llama(vocab_size: int, *, hidden_size: int = 32, seed: int = 0) -> LlamaForCausalLM:
-    """A 2-layer random Llama with the usual projection names (q/k/v/o, gate/up/down) for LoRA to target."""
+def tiny_llama(
+    vocab_size: int, *, hidden_size: int = 32, seed: int = 0, logit_scale: float = 1.0, **config: Any
+) -> LlamaForCausalLM:
+    """A 2-layer random Llama with the usual projection names (q/k/v/o, gate/up/down) for LoRA to target.
+
+    ``config`` adds or overrides :class:`~transformers.LlamaConfig` fields (``pad_token_id``,
+    ``attn_implementation``, ...). ``logit_scale`` multiplies the output layer: with the default init, logits after
+    the final norm stay within about +-1, so greedy choices are near-ties and LoRA on the frozen layers could barely
+    move the loss of a random model.
+    """
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
+    fields: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+    }
+    model = LlamaForCausalLM(LlamaConfig(**{**fields, **config}))
+    if logit_scale != 1.0:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(logit_scale)
+    return model
 
 
 def save_tiny_backbone(folder: Path, *, chat: bool = True, seed: int = 0, logit_scale: float = 20.0) -> Path:
     """Write a tiny model + tokenizer folder (safetensors) and return it.
 
-    The output layer is scaled up (``logit_scale``): with the default init, logits after the final norm stay within
-    about +-1, so LoRA on the frozen layers could barely move the loss of a random model.
+    The output layer is scaled up (``logit_scale``, see :func:`tiny_llama`) so that LoRA training moves the loss.
     """
     tokenizer = byte_tokenizer(chat)
-    model = tiny_llama(len(tokenizer), seed=seed)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(logit_scale)
+    model = tiny_llama(len(tokenizer), seed=seed, logit_scale=logit_scale)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -97,6 +97,17 @@ def replace_parquet(path: Path, edit: Callable[[pd.DataFrame], pd.DataFrame | pa
     pq.write_table(table, path)
 
 
+def set_list(row: int, column: str, value: list) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """An edit of a list column that sets the 0-based ``row`` to ``value``."""
+
+    def edit(frame: pd.DataFrame) -> pd.DataFrame:
+        frame[column] = [list(v) for v in frame[column]]
+        frame.at[row, column] = value
+        return frame
+
+    return edit
+
+
 def expect_error(
     read: Callable[[Path], Dataset],
     root: Path,
@@ -442,31 +453,22 @@ def llara_copy(shared_data: Path, tmp_path: Path) -> Path:
     )
 
 
-def _set_seq(row: int, values: list[int], column: str = "seq") -> Callable[[pd.DataFrame], pd.DataFrame]:
-    def edit(frame: pd.DataFrame) -> pd.DataFrame:
-        frame[column] = [list(s) for s in frame[column]]
-        frame.at[row, column] = values
-        return frame
-
-    return edit
-
-
 LLARA_PARQUET_CASES = [
     # (reader, file, edit, line, field, message)
     (
         read_lastfm,
         "lastfm/train_data.parquet",
-        _set_seq(7, [0, 1, 2, 3, 4, 5, 9999, 4606, 4606, 4606]),
+        set_list(7, "seq", [0, 1, 2, 3, 4, 5, 9999, 4606, 4606, 4606]),
         8,
         "seq",
         "unknown item id 9999",
     ),
-    (read_lastfm, "lastfm/Val_data.parquet", _set_seq(4, []), 5, "seq", "empty list"),
-    (read_lastfm, "lastfm/Test_data.parquet", _set_seq(2, [1, 2, 3]), 3, "seq", "expected 10 entries"),
+    (read_lastfm, "lastfm/Val_data.parquet", set_list(4, "seq", []), 5, "seq", "empty list"),
+    (read_lastfm, "lastfm/Test_data.parquet", set_list(2, "seq", [1, 2, 3]), 3, "seq", "expected 10 entries"),
     (
         read_lastfm,
         "lastfm/Test_data.parquet",
-        _set_seq(3, [1, 4606, 3] + [4606] * 7),
+        set_list(3, "seq", [1, 4606, 3] + [4606] * 7),
         4,
         "seq",
         "after padding",
@@ -514,7 +516,7 @@ LLARA_PARQUET_CASES = [
     (
         read_movielens_llara_test,
         "movielens/Val_data.parquet",
-        _set_seq(5, [0] * 9 + [1683], "seq_item"),
+        set_list(5, "seq_item", [0] * 9 + [1683]),
         6,
         "seq_item",
         "unknown item id 1683",
@@ -594,22 +596,13 @@ def collm_copy(shared_data: Path, tmp_path: Path) -> Path:
     return mirror(shared_data, tmp_path, "collm-ml-1m")
 
 
-def _set_list(row: int, column: str, value: list) -> Callable[[pd.DataFrame], pd.DataFrame]:
-    def edit(frame: pd.DataFrame) -> pd.DataFrame:
-        frame[column] = [list(v) for v in frame[column]]
-        frame.at[row, column] = value
-        return frame
-
-    return edit
-
-
 def _two(frame: pd.DataFrame, row: int, his: list[int], titles: list[str]) -> pd.DataFrame:
-    frame = _set_list(row, "his", his)(frame)
-    return _set_list(row, "his_title", titles)(frame)
+    frame = set_list(row, "his", his)(frame)
+    return set_list(row, "his_title", titles)(frame)
 
 
 COLLM_CASES = [
-    ("train", _set_list(4, "his", []), 5, "his", "empty history"),
+    ("train", set_list(4, "his", []), 5, "his", "empty history"),
     ("valid", lambda f: _two(f, 2, [5, 1], ["x", "y"]), 3, "his", "not the padding 0"),
     (
         "test",
@@ -620,7 +613,7 @@ COLLM_CASES = [
     ),
     (
         "train",
-        lambda f: _set_list(6, "his_title", [*f.at[6, "his_title"], "x"])(f),
+        lambda f: set_list(6, "his_title", [*f.at[6, "his_title"], "x"])(f),
         7,
         "his_title",
         "length differs",

@@ -8,7 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub, before tran
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llm import tiny_llama
+from transformers import LlamaForCausalLM
 
 from recadapt.llm.injection import CurriculumSchedule, ItemProjector, inject_item_embeddings
 
@@ -21,17 +22,7 @@ N_ITEMS = 10
 
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(VOCAB, hidden_size=HIDDEN)
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

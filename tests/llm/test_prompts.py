@@ -1,8 +1,8 @@
 """Prompt templates, prompt building and answer-only tokenization.
 
 The tokenizer tests use a tiny byte-level tokenizer built offline (one token per byte, so decoding gives the text
-back exactly), with and without a chat template, and a tiny random Llama. One test uses the real SmolLM2
-tokenizer from the default backbone (converted once, then cached).
+back exactly), with and without a chat template, and a tiny random Llama (both from ``tiny_llm``). One test uses the
+real SmolLM2 tokenizer from the default backbone (converted once, then cached).
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ from typing import Any, Literal
 import pytest
 import torch
 import yaml
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import bytes_to_unicode
+from tiny_llm import byte_tokenizer, tiny_llama
 
 from recadapt.errors import ConfigError
 from recadapt.llm import load_backbone
@@ -42,46 +40,10 @@ from recadapt.llm.prompts import (
 )
 
 DOMAINS = ("artist", "game", "item", "movie")
-# A ChatML template like SmolLM2's, without its default system message.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 HISTORY = ["Heat (1995)", "Fargo (1996)", "Alien (1979)"]
 HISTORY_IDS = [4, 7, 1]
 CANDIDATES = ["Babe (1995)", "Casino (1995)"]
 CANDIDATE_IDS = [9, 2]
-
-
-def byte_tokenizer(chat: bool) -> PreTrainedTokenizerFast:
-    """One token per byte plus ChatML specials: tiny, offline, and lossless when decoding."""
-    alphabet = [bytes_to_unicode()[b] for b in range(256)]
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    if chat:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
 
 
 def hybrid_prompt(history: list[str] = HISTORY, ids: list[int] = HISTORY_IDS) -> Prompt:

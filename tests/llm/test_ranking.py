@@ -11,12 +11,13 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub, before transformers reads its settings
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llm import tiny_llama
+from transformers import LlamaForCausalLM
 
 from recadapt.llm.ranking import (
     GenerateResult,
@@ -36,37 +37,22 @@ VOCAB = 100
 HIDDEN = 32
 ATOL = 2e-5
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def _tiny_llama(attn: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
+    # ids 0-2 are pad, BOS and EOS (prompts and candidates use 3..VOCAB-1); larger logits than the default init,
+    # so greedy choices are decisive rather than near-ties
+    return tiny_llama(
+        VOCAB,
         hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
+        seed=seed,
+        logit_scale=20.0,
+        attn_implementation=attn,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
-    )
-    config._attn_implementation = attn
-    model = LlamaForCausalLM(config).eval()
-    # larger logits than the default init, so greedy choices are decisive rather than near-ties
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    return model
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """Tiny models run ~100x faster on one thread than on two contended ones."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    ).eval()
 
 
 @pytest.fixture(scope="module")
