@@ -116,6 +116,8 @@ def plot_rows(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xticks(x, [r["model"] for r in members], rotation=30, ha="right")
         ax.set_title(f"{dataset}\n{protocol}", fontsize=9)
         ax.set_ylabel(metric)
+        if metric == "AUC":  # 0.5 is chance: start the axis there so differences are visible
+            ax.set_ylim(0.5, max(0.55, max(m + s for m, s in zip(means, stds, strict=True)) + 0.02))
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
