@@ -44,11 +44,14 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "test_samples": members[0]["test_samples"],
         }
         for metric in REPORTED[protocol]:
-            values = np.array([m["test"][metric]["value"] for m in members])
+            # a run may not define every metric (an LLM that names one candidate has no NDCG@10)
+            missing = {"value": float("nan"), "low": float("nan"), "high": float("nan")}
+            per_seed = [m["test"].get(metric, missing) for m in members]
+            values = np.array([e["value"] for e in per_seed])
             row[metric] = {
                 "mean": float(values.mean()),
                 "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                "per_seed": [m["test"][metric] for m in members],
+                "per_seed": per_seed,
             }
         rows.append(row)
     return rows

@@ -649,7 +649,11 @@ def evaluate_llm(
     reports: dict[str, dict[str, Estimate]] = {}
     for mode in modes:
         ranks = target_ranks(np.concatenate(scores[mode]), target_index)
-        report = ranking_report(ranks, users, ks=RANKING_KS["next-item"], n_boot=n_boot, seed=seed)
+        # generate and constrained name one candidate, so only HitRatio@1 is defined for them
+        ks = RANKING_KS["next-item"] if mode == "score" else (1,)
+        report = ranking_report(ranks, users, ks=ks, n_boot=n_boot, seed=seed)
+        if mode != "score":
+            report = {"HR@1": report["HR@1"]}
         report["ValidRatio"] = mean_with_ci(
             np.concatenate(valid[mode]).astype(np.float64), users, n_boot, seed
         )
