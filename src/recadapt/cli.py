@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from recadapt.errors import ConfigError, DataFormatError, NonFiniteLossError
+from recadapt.errors import BackboneError, ConfigError, DataFormatError, NonFiniteLossError
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
@@ -69,13 +69,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from recadapt.train.crm import evaluate_run
+    from recadapt.train.config import LLM_METHODS, load_config
 
-    report = evaluate_run(Path(args.run_dir), part=args.part, n_boot=args.n_boot)
-    for name, est in report.items():
-        print(f"{args.part} {name:<10} {est}")
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    if load_config(run_dir / "config.yaml").model_name in LLM_METHODS:
+        from recadapt.train.llm import evaluate_llm_run
+
+        reports = evaluate_llm_run(run_dir, part=args.part, modes=args.mode, n_boot=args.n_boot)
+    else:
+        from recadapt.train.crm import evaluate_run
+
+        if args.mode:
+            raise ValueError("--mode applies to LLM runs; a conventional recommender scores every candidate")
+        reports = {"": evaluate_run(run_dir, part=args.part, n_boot=args.n_boot)}
+    for mode, report in reports.items():
+        label = f"{args.part} {mode}".strip() if mode and mode != "ctr" else args.part
+        for name, est in report.items():
+            print(f"{label} {name:<10} {est}")
     if args.json:
-        print(json.dumps({k: v.to_dict() for k, v in report.items()}))
+        payload = {m: {k: v.to_dict() for k, v in r.items()} for m, r in reports.items()}
+        print(json.dumps(payload[""] if list(payload) == [""] else payload))
     return 0
 
 
@@ -133,7 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a finished run")
     ev.add_argument("run_dir")
     ev.add_argument("--part", default="test", choices=["valid", "test"])
-    ev.add_argument("--n-boot", type=int, default=1000)
+    ev.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (default: the run's)")
+    ev.add_argument(
+        "--mode",
+        nargs="+",
+        choices=["generate", "constrained", "score"],
+        help="LLM runs: ranking modes to evaluate (default: the run's llm.eval_modes)",
+    )
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_cmd_eval)
 
@@ -152,7 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (DataFormatError, ConfigError, ValueError, FileNotFoundError, NonFiniteLossError) as exc:
+    except (
+        DataFormatError,
+        ConfigError,
+        ValueError,
+        FileNotFoundError,
+        NonFiniteLossError,
+        BackboneError,
+    ) as exc:
         if args.verbose:
             raise
         print(f"error: {exc}  (run with -v for the traceback)", file=sys.stderr)

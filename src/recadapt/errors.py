@@ -34,3 +34,7 @@ class ConfigError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the message names the run, epoch and step."""
+
+
+class BackboneError(OSError):
+    """A backbone could not be found or loaded; the message says what to install or check."""

@@ -131,6 +131,34 @@ def test_tallrec_trains_and_writes_metrics_checkpoints_and_logs(workdir: Path, c
     assert [int(row["step"]) for row in _log(run_dir)] == list(range(1, 9))
 
 
+def _eval_json(run_dir: Path, capsys, *options: str) -> dict[str, Any]:
+    """``recadapt eval RUN_DIR OPTIONS --json``: the JSON line it prints."""
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), *options, "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_eval_reloads_a_trained_run_and_reproduces_its_metrics(workdir: Path, capsys) -> None:
+    """The saved adapter alone (a fresh process state: backbone loaded again, LoRA rebuilt) gives the metrics
+    training wrote, in any mode asked for."""
+    run_dir = workdir / "runs" / "tallrec-eval"
+    assert main(_args(workdir, "tallrec", "tallrec-eval", "llm.eval_modes=[constrained,score]")) == 0
+    written = _metrics(run_dir)["test_by_mode"]
+    assert _eval_json(run_dir, capsys, "--mode", "constrained") == {"constrained": written["constrained"]}
+    assert _eval_json(run_dir, capsys) == written  # the run's own modes by default
+    generate = _eval_json(run_dir, capsys, "--mode", "generate")["generate"]
+    assert set(generate) == {"HR@1", "ValidRatio"}
+    assert generate["HR@1"]["value"] <= generate["ValidRatio"]["value"]
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--mode", "score"]) == 0
+    assert "test score HR@1" in capsys.readouterr().out
+    # without the adapter there is nothing to evaluate, and the message says so
+    (run_dir / "final" / "adapter_model.safetensors").unlink()
+    assert main(["eval", str(run_dir), "--mode", "score"]) == 2
+    printed = capsys.readouterr().err
+    assert "no trained adapter" in printed and "adapter_model.safetensors" in printed
+
+
 def test_loss_decreases_on_a_repeated_tiny_batch(workdir: Path) -> None:
     extra = ["llm.train_samples=4", "llm.grad_accum=1", "llm.epochs=12", "llm.warmup_ratio=0", "llm.lr=3e-2"]
     assert main(_args(workdir, "tallrec", "repeat", *extra, "llm.eval_modes=[score]")) == 0
@@ -184,7 +212,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(workdir: Path) -> None
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_llara_injects_projected_crm_embeddings(workdir: Path, monkeypatch) -> None:
+def test_llara_injects_projected_crm_embeddings(workdir: Path, monkeypatch, capsys) -> None:
     import recadapt.train.llm as llm_module
     from recadapt.train.crm import train_crm
 
@@ -234,9 +262,16 @@ def test_llara_injects_projected_crm_embeddings(workdir: Path, monkeypatch) -> N
     final = load_file(str(run_dir / "final" / "projector.safetensors"))
     assert not torch.equal(final["net.0.weight"], training[0][2])
     assert "HR@1" in _metrics(run_dir)["test"]
+    # a reloaded LLaRA run (adapter + projector + the CRM's item table) reproduces its metrics
+    calls.clear()
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--mode", "score", "--json"]) == 0
+    reloaded = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert reloaded == {"score": _metrics(run_dir)["test_by_mode"]["score"]}
+    assert calls and all(n > 0 for _, n, _ in calls), "evaluation must use hybrid prompts"
 
 
-def test_zero_shot_and_ctr(workdir: Path) -> None:
+def test_zero_shot_and_ctr(workdir: Path, capsys) -> None:
     assert main(_args(workdir, "zero-shot", "zero-shot", "llm.eval_modes=[score]")) == 0
     metrics = _metrics(workdir / "runs" / "zero-shot")
     assert metrics["optimizer_steps"] == 0 and metrics["ranking_mode"] == "score"
@@ -248,6 +283,9 @@ def test_zero_shot_and_ctr(workdir: Path) -> None:
     metrics = _metrics(workdir / "runs" / "ctr")
     assert metrics["protocol"] == "ctr" and metrics["test_samples"] == 40 and metrics["train_samples"] == 16
     assert set(metrics["test"]) == {"AUC", "LogLoss", "Accuracy"}
+    capsys.readouterr()
+    assert main(["eval", str(workdir / "runs" / "ctr"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ctr": metrics["test"]}
 
 
 def test_nan_loss_stops_with_a_clear_message(workdir: Path, capsys, monkeypatch) -> None:

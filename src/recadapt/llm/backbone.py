@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from recadapt import paths
+from recadapt.errors import BackboneError
 from recadapt.io import atomic_directory, sha256_file
 
 if TYPE_CHECKING:
@@ -42,10 +43,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-
-
-class BackboneError(OSError):
-    """A backbone could not be found or loaded; the message says what to install or check."""
 
 
 @dataclass

@@ -239,8 +239,8 @@ def train_crm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
     return payload
 
 
-def evaluate_run(run_dir: Path, part: str = "test", n_boot: int = 1000) -> dict[str, Estimate]:
-    """Re-evaluate a finished run's best model on a part of its persisted split."""
+def evaluate_run(run_dir: Path, part: str = "test", n_boot: int | None = None) -> dict[str, Estimate]:
+    """Re-evaluate a finished run's best model on a part of its persisted split (``n_boot``: the run's)."""
     from recadapt.train.config import load_config
 
     config = load_config(run_dir / "config.yaml")
@@ -256,6 +256,6 @@ def evaluate_run(run_dir: Path, part: str = "test", n_boot: int = 1000) -> dict[
         prepared.n_items,
         config.train.max_len,
         config.train.eval_batch_size,
-        n_boot=n_boot,
+        n_boot=config.train.n_boot if n_boot is None else n_boot,
         seed=config.train.seed,
     )

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LLMConfig",
     "LLMTrainerState",
+    "evaluate_llm_run",
     "PromptFactory",
     "length_bucketed_batches",
     "resolve_domain",
@@ -372,6 +373,23 @@ def encode_fitted(
 
 
 # --- the model --------------------------------------------------------------------------------------------------
+
+
+def _with_lora(backbone_model: nn.Module, llm: LLMConfig) -> nn.Module:
+    """The backbone wrapped by PEFT with the configured LoRA (the same for training and re-evaluation)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=llm.lora_r,
+        lora_alpha=llm.lora_alpha,
+        lora_dropout=llm.lora_dropout,
+        target_modules=list(llm.lora_target_modules),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(backbone_model, lora)
+    except ValueError as err:  # e.g. a target module the backbone does not have
+        raise ConfigError("config", "llm.lora_target_modules", str(err)) from err
 
 
 @dataclass
@@ -783,26 +801,17 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
     payload: dict[str, Any] = {}
     if main:
         base = accelerator.unwrap_model(peft_model).get_base_model() if peft_model is not None else model
-        embedder = (
-            _ItemEmbedder(base.get_input_embeddings(), item_table, accelerator.unwrap_model(projector))
-            if item_table is not None and projector is not None
-            else None
-        )
-        test_factory = PromptFactory(prepared, "test", domain, tc.max_len)
-        rows = evaluation_rows(len(test_factory), llm.eval_samples, data.split_seed)
-        reports = evaluate_llm(
+        rows, reports = _evaluate_part(
+            config,
             base,
             encoder,
-            test_factory,
-            rows,
+            prepared,
+            "test",
+            item_table=item_table,
+            projector=accelerator.unwrap_model(projector) if projector is not None else None,
             modes=llm.eval_modes,
-            embedder=embedder,
-            max_tokens=llm.max_prompt_tokens,
-            batch_size=llm.eval_batch_size,
-            max_new_tokens=llm.max_new_tokens,
             autocast=accelerator.autocast,
             n_boot=tc.n_boot,
-            seed=tc.seed,
             progress=progress,
         )
         headline = "ctr" if data.protocol == "ctr" else llm.eval_modes[0]
@@ -833,6 +842,118 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
     return payload
 
 
+def _evaluate_part(
+    config: RunConfig,
+    model: nn.Module,
+    encoder: ItemTokenizer,
+    prepared: Prepared,
+    part: str,
+    *,
+    item_table: Tensor | None,
+    projector: nn.Module | None,
+    modes: Sequence[str],
+    autocast: Callable[[], Any],
+    n_boot: int,
+    progress: bool,
+) -> tuple[np.ndarray, dict[str, dict[str, Estimate]]]:
+    """Rank (or score, for CTR) the evaluation rows of ``part`` with ``model``; returns the rows and the reports."""
+    llm = config.llm or LLMConfig()
+    embedder = (
+        _ItemEmbedder(model.get_input_embeddings(), item_table, projector)
+        if item_table is not None and projector is not None
+        else None
+    )
+    domain = resolve_domain(config.data.dataset, llm.domain)
+    factory = PromptFactory(prepared, part, domain, config.train.max_len)
+    rows = evaluation_rows(len(factory), llm.eval_samples, config.data.split_seed)
+    reports = evaluate_llm(
+        model,
+        encoder,
+        factory,
+        rows,
+        modes=modes,
+        embedder=embedder,
+        max_tokens=llm.max_prompt_tokens,
+        batch_size=llm.eval_batch_size,
+        max_new_tokens=llm.max_new_tokens,
+        autocast=autocast,
+        n_boot=n_boot,
+        seed=config.train.seed,
+        progress=progress,
+    )
+    return rows, reports
+
+
+def evaluate_llm_run(
+    run_dir: Path,
+    *,
+    part: str = "test",
+    modes: Sequence[str] | None = None,
+    n_boot: int | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, Estimate]]:
+    """Evaluate a finished LLM run again from what it saved (``config.yaml`` and the ``final`` adapter and
+    projector), with any ranking modes: ``recadapt eval RUN_DIR --mode constrained``.
+
+    Returns one report per mode (next-item) or ``{"ctr": ...}``. The run's own settings decide the prompts, the
+    evaluation rows and the bootstrap seed, so the same modes reproduce ``metrics.json``.
+    """
+    from accelerate import Accelerator, PartialState
+
+    from recadapt.llm.backbone import load_backbone
+    from recadapt.train.config import load_config
+
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    config = load_config(config_file)
+    method, llm, data = config.model_name, config.llm or LLMConfig(), config.data
+    if method not in LLM_METHODS:
+        raise ConfigError(config_file, "model.name", f"{method!r} is not an LLM method")
+    final = run_dir / FINAL_DIR
+    if method != "zero-shot" and not (final / ADAPTER_FILE).exists():
+        raise FileNotFoundError(f"{run_dir} has no trained adapter ({final / ADAPTER_FILE}); train it first")
+    modes = list(modes or llm.eval_modes)
+    if data.protocol == "ctr":
+        modes = list(llm.eval_modes)  # CTR has one scoring rule; the modes do not apply
+
+    accelerator = Accelerator(mixed_precision=select_precision(PartialState().device, llm.precision)[0])
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    prepared = ensure_prepared(
+        data.dataset, data.protocol, data_root=data.data_dir, out_root=data.prepared_dir, seed=data.split_seed
+    )
+    torch.manual_seed(config.train.seed)  # as in training: the same resized-embedding initialisation
+    backbone = load_backbone(llm.backbone, dtype=llm.dtype, device=accelerator.device)
+    encoder = ItemTokenizer(backbone.tokenizer, model=backbone.model)
+    model: nn.Module = backbone.model
+    item_table = projector = None
+    if method == "llara" and llm.crm_run:
+        item_table = _load_item_table(llm.crm_run, prepared, data.dataset, accelerator.device)
+        projector = ItemProjector(item_table.shape[1], backbone.hidden_size).to(accelerator.device)
+    if method != "zero-shot":
+        peft_model = _with_lora(backbone.model, llm)
+        _load_weights(final, peft_model, projector)
+        model = peft_model.get_base_model()
+    if projector is not None:
+        projector.eval()
+    _, reports = _evaluate_part(
+        config,
+        model,
+        encoder,
+        prepared,
+        part,
+        item_table=item_table,
+        projector=projector,
+        modes=modes,
+        autocast=accelerator.autocast,
+        n_boot=config.train.n_boot if n_boot is None else n_boot,
+        progress=progress,
+    )
+    return reports
+
+
 def _train(
     accelerator: Accelerator,
     config: RunConfig,
@@ -848,22 +969,11 @@ def _train(
     progress: bool,
 ) -> tuple[nn.Module, nn.Module, nn.Module | None, LLMTrainerState]:
     """The training loop; returns the prepared model, the PEFT model, the projector and the final state."""
-    from peft import LoraConfig, get_peft_model
     from transformers import get_cosine_schedule_with_warmup
 
     seed, run_dir = config.train.seed, config.run_dir
     ckpt_dir = run_dir / CHECKPOINT_DIR
-    lora = LoraConfig(
-        r=llm.lora_r,
-        lora_alpha=llm.lora_alpha,
-        lora_dropout=llm.lora_dropout,
-        target_modules=list(llm.lora_target_modules),
-        task_type="CAUSAL_LM",
-    )
-    try:
-        peft_model = get_peft_model(backbone_model, lora)
-    except ValueError as err:  # e.g. a target module the backbone does not have
-        raise ConfigError("config", "llm.lora_target_modules", str(err)) from err
+    peft_model = _with_lora(backbone_model, llm)
     groups = [
         {"params": [p for p in peft_model.parameters() if p.requires_grad], "lr": llm.lr, "name": "lora"},
     ]
