@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from recadapt.report import write_crm_report
+from recadapt.report import write_report
 
 
 def _run(root: Path, model: str, seed: int, hr: float) -> Path:
@@ -29,7 +29,7 @@ def test_report_aggregates_seeds_and_writes_table_csv_and_plot(tmp_path: Path):
         _run(tmp_path, "sasrec", 1, 0.4),
         _run(tmp_path, "gru4rec", 0, 0.3),
     ]
-    rows = write_crm_report(runs, tmp_path / "out" / "table.md", title="Toy")
+    rows = write_report(runs, tmp_path / "out" / "table.md", title="Toy")
     sasrec = next(r for r in rows if r["model"] == "sasrec")
     assert sasrec["HR@1"]["mean"] == pytest.approx(0.3)
     assert sasrec["HR@1"]["std"] == pytest.approx(0.1414, abs=1e-4)
@@ -43,4 +43,30 @@ def test_report_aggregates_seeds_and_writes_table_csv_and_plot(tmp_path: Path):
 def test_unfinished_run_is_named(tmp_path: Path):
     (tmp_path / "half").mkdir()
     with pytest.raises(FileNotFoundError, match="half"):
-        write_crm_report([tmp_path / "half"], tmp_path / "t.md")
+        write_report([tmp_path / "half"], tmp_path / "t.md")
+
+
+def test_llm_runs_get_one_row_per_ranking_mode_and_a_budget_table(tmp_path: Path):
+    run = _run(tmp_path, "tallrec", 0, 0.3)
+    payload = json.loads((run / "metrics.json").read_text())
+    hr1 = {"value": 0.25, "low": 0.2, "high": 0.3}
+    valid = {"value": 0.9, "low": 0.85, "high": 0.95}
+    payload |= {
+        "optimizer_steps": 16,
+        "train_samples": 512,
+        "train_tokens": 150_000,
+        "train_seconds_this_process": 1200.0,
+        "test_by_mode": {
+            "generate": {"HR@1": hr1, "ValidRatio": valid},
+            "score": payload["test"],
+        },
+    }
+    (run / "metrics.json").write_text(json.dumps(payload))
+    rows = write_report([run, _run(tmp_path, "sasrec", 0, 0.2)], tmp_path / "llm.md", title="LLM")
+    assert {r["model"] for r in rows} == {"tallrec (generate)", "tallrec (score)", "sasrec"}
+    text = (tmp_path / "llm.md").read_text()
+    # generate names one candidate: no NDCG@10, shown as a dash rather than a number
+    assert "| tallrec (generate) | 1 | 0.2500 ± 0.0000 | — | 0.9000 ± 0.0000 |" in text
+    assert "| tallrec (score) | 1 | 0.3000 ± 0.0000 | 0.3000 ± 0.0000 | 1.0000 ± 0.0000 |" in text
+    assert "| toy | tallrec | 0 | 512 | 16 | 150,000 | 20.0 min | 10 |" in text
+    assert "sasrec | 0 |" not in text.split("Training budget")[1]  # CRMs have no LLM budget row

@@ -95,9 +95,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from recadapt.report import write_crm_report
+    from recadapt.report import write_report
 
-    write_crm_report([Path(p) for p in args.runs], Path(args.out), title=args.title)
+    write_report([Path(p) for p in args.runs], Path(args.out), title=args.title)
     print(f"wrote {args.out}")
     return 0
 

@@ -19,13 +19,48 @@ REPORTED = {
 
 
 def load_runs(run_dirs: list[Path]) -> list[dict[str, Any]]:
+    """The runs' ``metrics.json``; an LLM run ranked in several modes becomes one run per mode, named
+    ``model (mode)``, so every mode gets its own row."""
     runs = []
     for run_dir in run_dirs:
         path = Path(run_dir) / "metrics.json"
         if not path.exists():
             raise FileNotFoundError(f"{path}: run has not finished (no metrics.json)")
-        runs.append(json.loads(path.read_text(encoding="utf-8")))
+        run = json.loads(path.read_text(encoding="utf-8"))
+        by_mode = run.get("test_by_mode")
+        if not by_mode:
+            runs.append(run)
+            continue
+        for mode, report in by_mode.items():
+            runs.append({**run, "model": f"{run['model']} ({mode})", "test": report})
     return runs
+
+
+def _budget(runs: list[dict[str, Any]]) -> list[str]:
+    """A Markdown table of what each trained LLM run cost (samples, optimizer steps, tokens, wall time)."""
+    seen: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for run in runs:
+        if "optimizer_steps" in run:
+            seen.setdefault((run["dataset"], run["model"].split(" (")[0], run["seed"]), run)
+    if not seen:
+        return []
+    out = [
+        "Training budget (one process):",
+        "",
+        "| dataset | model | seed | train samples | optimizer steps | train tokens | train time | test samples |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (dataset, model, seed), run in sorted(seen.items()):
+        seconds = run.get("train_seconds_this_process", 0.0)
+        out.append(
+            f"| {dataset} | {model} | {seed} | {run.get('train_samples', 0):,} | {run['optimizer_steps']} | "
+            f"{run.get('train_tokens', 0):,} | {seconds / 60:.1f} min | {run['test_samples']} |"
+        )
+    return [*out, ""]
+
+
+def _cell(value: float, text: str) -> str:
+    return "—" if np.isnan(value) else text
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -68,7 +103,7 @@ def _markdown(rows: list[dict[str, Any]], title: str) -> str:
         out.append("| model | seeds | " + " | ".join(f"{m} (mean ± std)" for m in metrics) + " |")
         out.append("|---|---|" + "---|" * len(metrics))
         for row in members:
-            cells = [f"{row[m]['mean']:.4f} ± {row[m]['std']:.4f}" for m in metrics]
+            cells = [_cell(row[m]["mean"], f"{row[m]['mean']:.4f} ± {row[m]['std']:.4f}") for m in metrics]
             out.append(f"| {row['model']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
         out += ["", "Per seed, with the bootstrap 95% confidence interval over test users:", ""]
         out.append("| model | seed | " + " | ".join(metrics) + " |")
@@ -78,7 +113,7 @@ def _markdown(rows: list[dict[str, Any]], title: str) -> str:
                 cells = []
                 for m in metrics:
                     e = row[m]["per_seed"][i]
-                    cells.append(f"{e['value']:.4f} [{e['low']:.4f}, {e['high']:.4f}]")
+                    cells.append(_cell(e["value"], f"{e['value']:.4f} [{e['low']:.4f}, {e['high']:.4f}]"))
                 out.append(f"| {row['model']} | {seed} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -116,6 +151,16 @@ def plot_rows(rows: list[dict[str, Any]], path: Path) -> None:
         for i, r in enumerate(members):
             vals = [e["value"] for e in r[metric]["per_seed"]]
             ax.scatter(np.full(len(vals), i), vals, color="#1b1b1b", s=10, zorder=3)
+            if len(vals) == 1:  # one seed: show its bootstrap CI instead of a spread over seeds
+                e = r[metric]["per_seed"][0]
+                ax.errorbar(
+                    i,
+                    e["value"],
+                    yerr=[[e["value"] - e["low"]], [e["high"] - e["value"]]],
+                    color="#1b1b1b",
+                    capsize=3,
+                    lw=1,
+                )
         ax.set_xticks(x, [r["model"] for r in members], rotation=30, ha="right")
         ax.set_title(f"{dataset}\n{protocol}", fontsize=9)
         ax.set_ylabel(metric)
@@ -128,11 +173,13 @@ def plot_rows(rows: list[dict[str, Any]], path: Path) -> None:
     tmp.replace(path)
 
 
-def write_crm_report(run_dirs: list[Path], out: Path, title: str = "Results") -> list[dict[str, Any]]:
+def write_report(run_dirs: list[Path], out: Path, title: str = "Results") -> list[dict[str, Any]]:
     """Write ``out`` (Markdown), ``out.csv`` and ``out.png`` from finished runs."""
-    rows = summarize(load_runs(run_dirs))
+    runs = load_runs(run_dirs)
+    rows = summarize(runs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, _markdown(rows, title) + f"\n![{title}]({out.with_suffix('.png').name})\n")
+    body = _markdown(rows, title) + "\n" + "\n".join(_budget(runs))
+    write_text_atomic(out, body + f"\n![{title}]({out.with_suffix('.png').name})\n")
     write_text_atomic(out.with_suffix(".csv"), _csv(rows))
     plot_rows(rows, out.with_suffix(".png"))
     return rows
