@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub, before transformers reads its settings
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -203,16 +204,35 @@ def test_score_sum_is_mean_times_length_and_single_token_candidates_need_one_for
     torch.testing.assert_close(one_token, _naive_scores(model, prompts, [[[5], [8]], [[9], [11]]], []))
 
 
-def test_row_hook_follows_chunks_and_candidate_copies(model: LlamaForCausalLM) -> None:
-    seen: list[list[int]] = []
-    score_candidates(
-        model,
-        _prompts([4, 5, 6], seed=7),
-        [[[5, 6], [7, 8]]] * 3,
-        batch_size=2,
-        row_hook=lambda rows: seen.append(rows.tolist()),
+class _CondRecorder(torch.nn.Module):
+    """A causal LM that takes ``cond`` like an adapted model, records it and ignores it."""
+
+    def __init__(self, model: LlamaForCausalLM) -> None:
+        super().__init__()
+        self.model, self.config, self.generation_config = model, model.config, model.generation_config
+        self.seen: list[list[int]] = []
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+    def forward(self, *args: Any, cond: torch.Tensor, **kwargs: Any) -> Any:
+        self.seen.append(cond[:, 0].long().tolist())
+        return self.model(*args, **kwargs)
+
+
+def test_cond_follows_chunks_finished_rows_and_candidate_copies(model: LlamaForCausalLM) -> None:
+    recorder = _CondRecorder(model).eval()
+    cond = torch.tensor([[10.0, 0.0], [11.0, 0.0], [12.0, 0.0]])  # row i carries 10 + i
+    plain = score_candidates(model, _prompts([4, 5, 6], seed=7), [[[5, 6], [7, 8]]] * 3, batch_size=2)
+    scores = score_candidates(
+        recorder, _prompts([4, 5, 6], seed=7), [[[5, 6], [7, 8]]] * 3, batch_size=2, cond=cond
     )
-    assert seen == [[0, 1], [0, 0, 1, 1], [2], [2, 2]]
+    assert recorder.seen == [[10, 11], [10, 10, 11, 11], [12], [12, 12]]
+    torch.testing.assert_close(scores, plain)
+    recorder.seen.clear()
+    constrained_rank(recorder, _prompts([4, 5, 6], seed=7), _random_candidates(3, 4, seed=3), cond=cond)
+    assert recorder.seen[0] == [10, 11, 12]  # the prompt pass, then the rows still walking
+    assert all(set(rows) <= {10, 11, 12} and rows == sorted(rows) for rows in recorder.seen)
 
 
 def test_scores_rank_with_the_metrics(model: LlamaForCausalLM) -> None:

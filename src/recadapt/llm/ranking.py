@@ -32,14 +32,15 @@ padded slots stay masked in the KV cache, and rows leave the batch as they finis
 for reduced precision wrap the call in ``backbone.autocast()`` (these functions use whatever precision the caller
 sets up; log-probabilities are always taken in float32).
 
-Per-instance model state (iLoRA's gate) can follow the batch through ``row_hook``: it is called before every
-forward with a LongTensor giving, for each row of that forward, the index of its prompt in ``prompts``. Rows are
-dropped as they finish and, in ``score`` mode, repeated once per candidate (user-major).
+Per-instance conditioning (iLoRA's CRM sequence representation, RecLoRA's user vector) is an explicit argument:
+``cond`` [len(prompts), d] is passed to every model forward as ``model(..., cond=rows_cond)``, sliced to the rows
+of that forward. Rows are dropped as they finish and, in ``score`` mode, repeated once per candidate (user-major),
+and ``cond`` follows them; the model must accept the ``cond`` keyword (e.g. :class:`recadapt.adapters.AdaptedModel`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Prompt = torch.Tensor | Sequence[int]
-RowHook = Callable[[torch.Tensor], None]
 RankingMode = Literal["generate", "constrained", "score"]
 RANKING_MODES: tuple[RankingMode, ...] = ("generate", "constrained", "score")
 Normalise = Literal["mean", "sum"]
@@ -182,11 +182,11 @@ class _Session:
     copy per candidate) without recomputing the prompt.
     """
 
-    def __init__(self, model: PreTrainedModel, row_hook: RowHook | None) -> None:
+    def __init__(self, model: PreTrainedModel, cond: torch.Tensor | None) -> None:
         from transformers import DynamicCache
 
         self.model = model
-        self.row_hook = row_hook
+        self.cond = cond  # [prompts, d]: per-prompt conditioning, indexed by self.rows at every forward
         self.device = _model_device(model)
         self.cache = DynamicCache(config=model.config)
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [rows, cache slots]
@@ -266,8 +266,8 @@ class _Session:
     def _forward(
         self, inputs: dict[str, torch.Tensor], positions: torch.Tensor, logits_to_keep: int
     ) -> torch.Tensor:
-        if self.row_hook is not None:
-            self.row_hook(self.rows)
+        if self.cond is not None:
+            inputs = {**inputs, "cond": self.cond[self.rows.to(self.cond.device)]}
         out = self.model(
             **inputs,
             attention_mask=self.mask,
@@ -349,7 +349,7 @@ def greedy_generate(
     stop_at_newline: bool = True,
     eos_token_ids: Sequence[int] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    row_hook: RowHook | None = None,
+    cond: torch.Tensor | None = None,
 ) -> list[str]:
     """Greedy continuations of the prompts, decoded without special tokens.
 
@@ -366,7 +366,7 @@ def greedy_generate(
     eos = set(int(t) for t in eos_token_ids) if eos_token_ids is not None else _eos_ids(model, tokenizer)
     generated: list[list[int]] = [[] for _ in tensors]
     for chunk in _chunks(len(tensors), batch_size):
-        session = _Session(model, row_hook)
+        session = _Session(model, cond)
         logits = session.prefill([tensors[i] for i in chunk], torch.tensor(list(chunk)))[:, -1]
         active = list(chunk)
         for step in range(max_new_tokens):
@@ -399,7 +399,7 @@ def generate_rank(
     stop_at_newline: bool = True,
     eos_token_ids: Sequence[int] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    row_hook: RowHook | None = None,
+    cond: torch.Tensor | None = None,
 ) -> list[GenerateResult]:
     """The papers' protocol: greedy generation (:func:`greedy_generate`), then :func:`match_candidates`.
 
@@ -414,7 +414,7 @@ def generate_rank(
         stop_at_newline=stop_at_newline,
         eos_token_ids=eos_token_ids,
         batch_size=batch_size,
-        row_hook=row_hook,
+        cond=cond,
     )
     return [match_candidates(text, titles) for text, titles in zip(texts, candidate_titles, strict=True)]
 
@@ -479,7 +479,7 @@ def constrained_rank(
     *,
     answer_suffix_ids: Sequence[int] = (),
     batch_size: int = DEFAULT_BATCH_SIZE,
-    row_hook: RowHook | None = None,
+    cond: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Greedy decoding restricted to the candidates' token trie; returns the chosen candidate index per prompt.
 
@@ -497,7 +497,7 @@ def constrained_rank(
         walks = {i: _TrieWalk(tokens[i], lengths[i]) for i in chunk}
         active = [i for i in chunk if walks[i].result < 0]
         if active:
-            _walk_batch(model, [tensors[i] for i in active], active, walks, row_hook)
+            _walk_batch(model, [tensors[i] for i in active], active, walks, cond)
         for i in chunk:
             chosen[i] = walks[i].result
     return chosen
@@ -508,10 +508,10 @@ def _walk_batch(
     prompts: list[torch.Tensor],
     active: list[int],
     walks: dict[int, _TrieWalk],
-    row_hook: RowHook | None,
+    cond: torch.Tensor | None,
 ) -> None:
     """Advance the walks of prompts ``active`` (all undetermined) until each has a result."""
-    session = _Session(model, row_hook)
+    session = _Session(model, cond)
     logits = session.prefill(prompts, torch.tensor(active), [walks[i].pending for i in active])[:, -1]
     while True:
         for row, index in enumerate(active):
@@ -550,7 +550,7 @@ def score_candidates(
     answer_suffix_ids: Sequence[int] = (),
     normalise: Normalise = "mean",
     batch_size: int = DEFAULT_SCORE_BATCH_SIZE,
-    row_hook: RowHook | None = None,
+    cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log-likelihood of every candidate (+ suffix) after its prompt: float32 scores [B, C] on the CPU.
 
@@ -568,7 +568,7 @@ def score_candidates(
     n_candidates, longest = tokens.shape[1], tokens.shape[2]
     scores = torch.zeros(len(tensors), n_candidates, dtype=torch.float32)
     for chunk in _chunks(len(tensors), batch_size):
-        session = _Session(model, row_hook)
+        session = _Session(model, cond)
         last = session.prefill([tensors[i] for i in chunk], torch.tensor(list(chunk)))[:, -1].float()
         chunk_tokens = tokens[list(chunk)].to(last.device)  # [b, C, L]
         chunk_lengths = lengths[list(chunk)].to(last.device)
@@ -601,7 +601,7 @@ def yes_probability(
     no_id: int,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    row_hook: RowHook | None = None,
+    cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """p(Yes) per prompt: softmax over the "Yes" and "No" token logits at the answer position (ReLLa's CTR score).
 
@@ -612,7 +612,7 @@ def yes_probability(
     tensors = _as_prompts(model, prompts)
     probs = torch.zeros(len(tensors), dtype=torch.float32)
     for chunk in _chunks(len(tensors), batch_size):
-        session = _Session(model, row_hook)
+        session = _Session(model, cond)
         logits = session.prefill([tensors[i] for i in chunk], torch.tensor(list(chunk)))[:, -1]
         pair = logits[:, [yes_id, no_id]].float()
         probs[list(chunk)] = pair.softmax(dim=-1)[:, 0].cpu()
@@ -634,7 +634,7 @@ def rank_candidates(
     answer_suffix_ids: Sequence[int] = (),
     batch_size: int | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    row_hook: RowHook | None = None,
+    cond: torch.Tensor | None = None,
 ) -> Ranking:
     """Rank with the chosen mode and return a :class:`Ranking` (``generate`` needs ``tokenizer`` and titles)."""
     n = len(prompts)
@@ -648,7 +648,7 @@ def rank_candidates(
             candidate_titles,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size or DEFAULT_BATCH_SIZE,
-            row_hook=row_hook,
+            cond=cond,
         )
         predicted = np.array([r.predicted_index for r in results], dtype=np.int64)
         n_candidates = len(candidate_titles[0]) if n else 0
@@ -662,7 +662,7 @@ def rank_candidates(
             candidate_token_ids,
             answer_suffix_ids=answer_suffix_ids,
             batch_size=batch_size or DEFAULT_BATCH_SIZE,
-            row_hook=row_hook,
+            cond=cond,
         )
         n_candidates = len(candidate_token_ids[0]) if n else 0
         return Ranking(mode, _one_hot(predicted, n_candidates), predicted, np.ones(n, dtype=bool))
@@ -673,7 +673,7 @@ def rank_candidates(
             candidate_token_ids,
             answer_suffix_ids=answer_suffix_ids,
             batch_size=batch_size or DEFAULT_SCORE_BATCH_SIZE,
-            row_hook=row_hook,
+            cond=cond,
         ).numpy()
         predicted = scores.argmax(axis=1).astype(np.int64) if n else np.zeros(0, dtype=np.int64)
         return Ranking(mode, scores.astype(np.float64), predicted, np.ones(n, dtype=bool))
