@@ -70,6 +70,7 @@ __all__ = [
     "select_precision",
     "train_llm",
     "training_rows",
+    "with_lora",
 ]
 
 log = logging.getLogger(__name__)
@@ -375,7 +376,7 @@ def encode_fitted(
 # --- the model --------------------------------------------------------------------------------------------------
 
 
-def _with_lora(backbone_model: nn.Module, llm: LLMConfig) -> nn.Module:
+def with_lora(backbone_model: nn.Module, llm: LLMConfig) -> nn.Module:
     """The backbone wrapped by PEFT with the configured LoRA (the same for training and re-evaluation)."""
     from peft import LoraConfig, get_peft_model
 
@@ -933,7 +934,7 @@ def evaluate_llm_run(
         item_table = _load_item_table(llm.crm_run, prepared, data.dataset, accelerator.device)
         projector = ItemProjector(item_table.shape[1], backbone.hidden_size).to(accelerator.device)
     if method != "zero-shot":
-        peft_model = _with_lora(backbone.model, llm)
+        peft_model = with_lora(backbone.model, llm)
         _load_weights(final, peft_model, projector)
         model = peft_model.get_base_model()
     if projector is not None:
@@ -973,7 +974,7 @@ def _train(
 
     seed, run_dir = config.train.seed, config.run_dir
     ckpt_dir = run_dir / CHECKPOINT_DIR
-    peft_model = _with_lora(backbone_model, llm)
+    peft_model = with_lora(backbone_model, llm)
     groups = [
         {"params": [p for p in peft_model.parameters() if p.requires_grad], "lr": llm.lr, "name": "lora"},
     ]

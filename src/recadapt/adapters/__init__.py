@@ -1,0 +1,60 @@
+"""Personalized LoRA adapters behind one interface: ``lora``, ``moe-lora`` (iLoRA), ``personal-lora`` (RecLoRA)
+and ``cf-lora`` (ReLLaX's CFLoRA).
+
+    model = attach_adapters(base_model, MoELoRAConfig(r=8, alpha=32, n_experts=4, cond_dim=64))
+    optimizer = torch.optim.AdamW(model.param_groups(lr=5e-4))
+    loss = model(input_ids=ids, labels=labels, cond=sequence_repr).loss
+    save_adapters(model, run_dir / "adapter")
+    model = load_adapters(fresh_base_model, run_dir / "adapter")
+
+Each kind is a config dataclass, a layer class and a conditioner registered once in :data:`ADAPTERS`. The
+per-instance conditioning is an explicit ``cond`` argument of every call, never state kept between calls.
+"""
+
+from recadapt.adapters.base import AdapterConfig, AdapterLayer, ConditionedConfig, default_targets
+from recadapt.adapters.cf_lora import CFLoRAConfig, CFLoRALayer, InteractionNet
+from recadapt.adapters.lora import LoRAConfig, LoRALayer
+from recadapt.adapters.model import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdaptedModel,
+    attach_adapters,
+    load_adapters,
+    load_lora_weights,
+    read_adapter_config,
+    save_adapters,
+)
+from recadapt.adapters.moe_lora import MoEGate, MoELoRAConfig, MoELoRALayer
+from recadapt.adapters.personal_lora import PersonalGate, PersonalLoRAConfig, PersonalLoRALayer
+from recadapt.adapters.registry import ADAPTERS, AdapterKind, adapter_kind, config_from_dict, make_config
+
+__all__ = [
+    "ADAPTERS",
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "AdaptedModel",
+    "AdapterConfig",
+    "AdapterKind",
+    "AdapterLayer",
+    "CFLoRAConfig",
+    "CFLoRALayer",
+    "ConditionedConfig",
+    "InteractionNet",
+    "LoRAConfig",
+    "LoRALayer",
+    "MoEGate",
+    "MoELoRAConfig",
+    "MoELoRALayer",
+    "PersonalGate",
+    "PersonalLoRAConfig",
+    "PersonalLoRALayer",
+    "adapter_kind",
+    "attach_adapters",
+    "config_from_dict",
+    "default_targets",
+    "load_adapters",
+    "load_lora_weights",
+    "make_config",
+    "read_adapter_config",
+    "save_adapters",
+]

@@ -1,0 +1,300 @@
+"""Attach adapters to a causal LM, run it with explicit per-instance conditioning, save and load the adapters.
+
+:func:`attach_adapters` freezes the base model, swaps each target ``nn.Linear`` for the kind's layer and returns
+an :class:`AdaptedModel` that owns the conditioner. ``AdaptedModel(..., cond=cond)`` computes the layers' ``mix``
+from ``cond`` once and hands it to every adapted layer as a keyword argument for that call only, through
+temporary forward pre-hooks removed in a ``finally`` (the way PEFT passes ``adapter_names`` for mixed-batch
+inference): no per-instance state outlives the call.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from recadapt.adapters.base import AdapterConfig, AdapterLayer, ConditionedConfig
+from recadapt.adapters.registry import adapter_kind, config_from_dict
+from recadapt.io import atomic_directory, write_json_atomic
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+FORMAT_VERSION = 1
+CONDITIONER_PREFIX = "conditioner."
+
+
+class AdaptedModel(nn.Module):
+    """A frozen causal LM with adapter layers and the conditioner that feeds them.
+
+    ``forward(*args, cond=None, **kwargs)`` and ``generate(*args, cond=None, **kwargs)`` take the base model's
+    arguments (``input_ids``, ``inputs_embeds``, ``past_key_values``, ``labels``, ...) plus ``cond``
+    [batch, cond_dim], one row per input row; kinds without conditioning take no ``cond``. With a KV cache,
+    pass the same rows' ``cond`` at every decoding step. When rows are expanded (several candidates per
+    prompt, beams, returned sequences), expand ``cond`` the same way; a single ``cond`` row applies to all rows.
+    Gradient checkpointing is unsupported for conditioned kinds: its recomputation runs outside the call, so
+    the layers would find no mix and raise.
+
+    ``config`` and ``get_input_embeddings`` are the base model's, and any other attribute the wrapper lacks is
+    looked up on the base model (like PEFT's ``PeftModel``), so ranking and generation code can take either.
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        adapter_config: AdapterConfig,
+        adapter_layers: dict[str, AdapterLayer],
+        conditioner: nn.Module | None,
+    ) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.conditioner = conditioner
+        self.adapter_config = adapter_config
+        self.adapter_layers = adapter_layers  # plain dict: the layers are registered inside base_model
+
+    @property
+    def config(self) -> Any:
+        return self.base_model.config
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base_model.get_input_embeddings()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args: Any, cond: Tensor | None = None, **kwargs: Any) -> Any:
+        with self._conditioned(cond):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, cond: Tensor | None = None, **kwargs: Any) -> Any:
+        """The base model's ``generate`` with ``cond`` applied at every step (its mix is computed once)."""
+        with self._conditioned(cond):
+            return self.base_model.generate(*args, **kwargs)
+
+    def mix(self, cond: Tensor | None) -> Tensor | None:
+        """The conditioner's output for ``cond`` (gate, weights or G), as every adapted layer receives it.
+
+        Under autocast it is cast once to the autocast dtype, so the layers' elementwise products stay in it.
+        """
+        config = self.adapter_config
+        if self.conditioner is None or not isinstance(config, ConditionedConfig):
+            if cond is not None:
+                raise ValueError(f"adapter kind {config.kind!r} is not conditioned; call it without cond")
+            return None
+        kind, cond_dim = config.kind, config.cond_dim
+        if cond is None:
+            raise ValueError(
+                f"adapter kind {kind!r} needs cond=FloatTensor[batch, {cond_dim}] (the CRM representation of "
+                "each row's user or history)"
+            )
+        if cond.dim() != 2 or cond.size(1) != cond_dim:
+            raise ValueError(f"cond must be [batch, {cond_dim}], got shape {tuple(cond.shape)}")
+        weight = next(self.conditioner.parameters())
+        mix = self.conditioner(cond.to(device=weight.device, dtype=weight.dtype))
+        device_type = weight.device.type
+        if torch.is_autocast_enabled(device_type):
+            mix = mix.to(torch.get_autocast_dtype(device_type))
+        return mix
+
+    @contextmanager
+    def _conditioned(self, cond: Tensor | None) -> Iterator[None]:
+        mix = self.mix(cond)
+        if mix is None:
+            yield
+            return
+        hook = partial(_pass_mix, mix)
+        handles = []
+        try:
+            for layer in self.adapter_layers.values():
+                handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimizer groups of the trainable parameters: ``adapter`` at ``lr`` and ``conditioner`` at
+        ``lr * conditioner_lr_scale`` (iLoRA's gate: 0.3 x). Empty groups (e.g. frozen A, B) are left out."""
+        groups = [
+            {
+                "name": "adapter",
+                "params": [
+                    p for layer in self.adapter_layers.values() for p in layer.adapter_parameters().values()
+                ],
+                "lr": lr,
+            }
+        ]
+        if self.conditioner is not None and isinstance(self.adapter_config, ConditionedConfig):
+            scale = self.adapter_config.conditioner_lr_scale
+            groups.append(
+                {"name": "conditioner", "params": list(self.conditioner.parameters()), "lr": lr * scale}
+            )
+        for group in groups:
+            group["params"] = [p for p in group["params"] if p.requires_grad]
+        return [g for g in groups if g["params"]]
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """Adapter weights by ``<layer path>.<name>`` and conditioner weights by ``conditioner.<name>``; the
+        base model's weights are not included."""
+        state = {
+            f"{name}.{key}": p.detach()
+            for name, layer in self.adapter_layers.items()
+            for key, p in layer.adapter_parameters().items()
+        }
+        if self.conditioner is not None:
+            state.update(
+                {CONDITIONER_PREFIX + k: t.detach() for k, t in self.conditioner.state_dict().items()}
+            )
+        return state
+
+    def load_adapter_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Copy ``state`` (as :meth:`adapter_state_dict` gives it) into the adapters; keys and shapes must match
+        exactly, so a checkpoint of another kind, rank or target set is refused rather than half-loaded."""
+        own = self.adapter_state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"adapter weights do not match the model: missing {missing[:5]} ({len(missing)}), "
+                f"unexpected {unexpected[:5]} ({len(unexpected)})"
+            )
+        _copy_same_shapes(own, state, "adapter weight")
+
+
+def _pass_mix(
+    mix: Tensor, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return args, {**kwargs, "mix": mix}
+
+
+def _target_names(model: nn.Module, targets: list[str]) -> list[str]:
+    """Names of the modules whose name is a target or ends with ``.<target>``; each must be an nn.Linear."""
+    names = [
+        name for name, _ in model.named_modules() if any(name == t or name.endswith("." + t) for t in targets)
+    ]
+    linear_suffixes = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    )
+    if not names:
+        raise ValueError(
+            f"no module matches target_modules {targets}; the model's linear layers: {linear_suffixes}"
+        )
+    wrong = [n for n in names if not isinstance(model.get_submodule(n), nn.Linear)]
+    if wrong:
+        raise ValueError(f"target_modules must name nn.Linear modules; these are not: {wrong[:5]}")
+    return names
+
+
+def attach_adapters(model: nn.Module, config: AdapterConfig) -> AdaptedModel:
+    """Freeze ``model`` (in place), replace its target linear layers by ``config.kind``'s layers and return the
+    :class:`AdaptedModel` that owns them and the conditioner. Only adapter and conditioner parameters train."""
+    kind = adapter_kind(config.kind)
+    if not isinstance(config, kind.config):
+        raise TypeError(
+            f"adapter kind {config.kind!r} takes a {kind.config.__name__}, got {type(config).__name__}"
+        )
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):
+        raise ValueError("the model already has adapter layers; attach to a fresh base model")
+    names = _target_names(model, config.target_modules)
+    model.requires_grad_(False)
+    layers: dict[str, AdapterLayer] = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layers[name] = kind.layer(getattr(parent, child), config)
+        setattr(parent, child, layers[name])
+    conditioner = kind.conditioner(config)
+    if conditioner is not None:
+        reference = next(iter(layers.values())).lora_A
+        conditioner.to(device=reference.device, dtype=reference.dtype)
+    return AdaptedModel(model, config, layers, conditioner)
+
+
+def save_adapters(model: AdaptedModel, folder: str | Path) -> Path:
+    """Write ``adapter.safetensors`` (adapter + conditioner weights only) and ``adapter_config.json`` (kind and
+    config) to ``folder``, atomically: the folder is replaced as a whole, so it holds the adapter and nothing else."""
+    folder = Path(folder)
+    state = {key: t.contiguous().cpu() for key, t in model.adapter_state_dict().items()}
+    payload = model.adapter_config.to_dict()
+    kind = payload.pop("kind")
+    with atomic_directory(folder) as tmp:
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "kind": kind})
+        write_json_atomic(
+            tmp / ADAPTER_CONFIG, {"format_version": FORMAT_VERSION, "kind": kind, "config": payload}
+        )
+    return folder
+
+
+def read_adapter_config(folder: str | Path) -> AdapterConfig:
+    """The typed config saved in ``folder`` by :func:`save_adapters`."""
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {folder}: not a folder written by save_adapters")
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {payload.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
+    return config_from_dict({"kind": payload["kind"], **payload["config"]})
+
+
+def load_adapters(base_model: nn.Module, folder: str | Path) -> AdaptedModel:
+    """Rebuild the adapters saved in ``folder`` on ``base_model`` (frozen in place) and load their weights
+    (safetensors only, never pickle)."""
+    config = read_adapter_config(folder)
+    model = attach_adapters(base_model, config)
+    model.load_adapter_state_dict(load_file(str(Path(folder) / ADAPTER_WEIGHTS)))
+    return model
+
+
+def load_lora_weights(model: AdaptedModel, source: AdaptedModel | str | Path) -> None:
+    """Copy a trained ``lora`` adapter's A and B (a model or a saved folder) into ``model``'s layers.
+
+    ReLLaX starts CFLoRA from the ReLLa LoRA (then G = I reproduces it exactly, see :class:`InteractionNet`);
+    ``moe-lora`` can start from one too (a uniform gate reproduces it). The target set, rank and alpha must
+    match the LoRA's, else the copy would not reproduce it. Frozen parameters stay frozen.
+    """
+    if isinstance(source, AdaptedModel):
+        source_config, state = source.adapter_config, source.adapter_state_dict()
+    else:
+        source_config = read_adapter_config(source)
+        state = load_file(str(Path(source) / ADAPTER_WEIGHTS))
+    if source_config.kind != "lora":
+        raise ValueError(f"the source must be a 'lora' adapter, got {source_config.kind!r}")
+    config = model.adapter_config
+    if (source_config.r, source_config.alpha) != (config.r, config.alpha):
+        raise ValueError(
+            f"the LoRA has r={source_config.r}, alpha={source_config.alpha}; the model has r={config.r}, "
+            f"alpha={config.alpha}"
+        )
+    own = {
+        f"{name}.{key}": layer.adapter_parameters()[key]
+        for name, layer in model.adapter_layers.items()
+        for key in ("lora_A", "lora_B")
+    }
+    if set(own) != set(state):
+        raise ValueError(
+            f"the LoRA adapts other layers: only in the LoRA {sorted(set(state) - set(own))[:5]}, "
+            f"only in the model {sorted(set(own) - set(state))[:5]}"
+        )
+    _copy_same_shapes(own, state, "LoRA weight")
+
+
+def _copy_same_shapes(own: Mapping[str, Tensor], state: Mapping[str, Tensor], what: str) -> None:
+    """Copy ``state[key]`` into every ``own[key]``, after checking all shapes (nothing is copied on a mismatch)."""
+    for key, target in own.items():
+        if state[key].shape != target.shape:
+            raise ValueError(f"{what} {key}: shape {tuple(state[key].shape)}, expected {tuple(target.shape)}")
+    with torch.no_grad():
+        for key, target in own.items():
+            target.copy_(state[key])
