@@ -19,7 +19,11 @@ import yaml
 from recadapt.errors import ConfigError
 
 PROTOCOLS = ("next-item", "ctr", "full-ranking")
-LLM_METHODS = ("zero-shot", "tallrec", "llara")  # model.name values trained by recadapt.train.llm
+LLM_METHODS = ("zero-shot", "tallrec", "llara", "ilora")  # model.name values trained by recadapt.train.llm
+HYBRID_METHODS = ("llara", "ilora")  # prompts carry projected CRM item embeddings (with LLaRA's curriculum)
+# recadapt.adapters.ADAPTERS' kinds (not imported: it needs torch); "lora" trains through PEFT
+ADAPTER_KINDS = ("lora", "moe-lora", "personal-lora", "cf-lora")
+COND_SOURCES = ("crm", "random")
 RANKING_MODES = ("generate", "constrained", "score")  # as recadapt.llm.ranking (not imported: it needs torch)
 PRECISIONS = ("auto", "bf16", "fp16", "no")
 
@@ -84,7 +88,15 @@ class LLMConfig:
     log_every: int = 10  # optimizer steps between log rows
     train_samples: int = 0  # > 0: train on the first N samples of a fixed permutation (ctr: shot_rank < N)
     max_prompt_tokens: int = 1024  # prompt + answer; longer samples drop their oldest history items
-    crm_run: str | None = None  # llara: a trained CRM run directory (best/ gives the item embeddings)
+    crm_run: str | None = None  # llara, ilora: a trained CRM run directory (item embeddings, user vectors)
+    # the low-rank update: lora (PEFT) or a personalized kind of recadapt.adapters, built with lora_r,
+    # lora_alpha, lora_dropout and lora_target_modules plus adapter_options (e.g. {n_experts: 4, gate: cnn})
+    adapter: str = "lora"
+    adapter_options: dict[str, Any] = field(default_factory=dict)
+    # conditioning of a personalized adapter: crm = the CRM run's representation of the user's history (iLoRA's
+    # sequence representation), random = a fixed random vector per user (the ablation)
+    cond: str = "crm"
+    cond_history_len: int = 0  # history items the CRM reads for cond; 0: the CRM run's train.max_len
     # ranking modes for next-item evaluation (generate, constrained, score); the first gives metrics.json "test"
     eval_modes: list[str] = field(default_factory=lambda: ["generate"])
     eval_samples: int = 0  # > 0: evaluate on a fixed random subset of the test part
@@ -109,6 +121,18 @@ class LLMConfig:
                 "llm.eval_modes",
                 f"expected distinct modes among {RANKING_MODES}, got {self.eval_modes}",
             )
+        if self.adapter not in ADAPTER_KINDS:
+            raise ConfigError(
+                "config", "llm.adapter", f"must be one of {ADAPTER_KINDS}, got {self.adapter!r}"
+            )
+        if not isinstance(self.adapter_options, dict):
+            raise ConfigError(
+                "config", "llm.adapter_options", f"expected a mapping, got {self.adapter_options!r}"
+            )
+        if self.cond not in COND_SOURCES:
+            raise ConfigError("config", "llm.cond", f"must be one of {COND_SOURCES}, got {self.cond!r}")
+        if self.cond_history_len < 0:
+            raise ConfigError("config", "llm.cond_history_len", f"must be >= 0, got {self.cond_history_len}")
         if self.precision not in PRECISIONS:
             raise ConfigError(
                 "config", "llm.precision", f"must be one of {PRECISIONS}, got {self.precision!r}"

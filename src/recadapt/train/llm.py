@@ -54,7 +54,14 @@ from recadapt.llm.prompts import (
 )
 from recadapt.tasks.evaluate import RANKING_KS
 from recadapt.tasks.metrics import Estimate, ctr_report, mean_with_ci, ranking_report, target_ranks
-from recadapt.train.config import LLM_METHODS, LLMConfig, RunConfig, TrainConfig, save_config
+from recadapt.train.config import (
+    HYBRID_METHODS,
+    LLM_METHODS,
+    LLMConfig,
+    RunConfig,
+    TrainConfig,
+    save_config,
+)
 from recadapt.train.logger import RunLogger
 
 if TYPE_CHECKING:
@@ -79,6 +86,9 @@ CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "final"  # the trained adapter (and projector) alone
 ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's file names, so PeftModel.from_pretrained reads the folder
 PROJECTOR_FILE = "projector.safetensors"
+PERSONAL_ADAPTER_DIR = (
+    "adapter"  # a recadapt.adapters kind (moe-lora, personal-lora, cf-lora), save_adapters' files
+)
 # train.* fields an LLM run reads; the others belong to the CRM recipe and must stay at their defaults
 TRAIN_FIELDS_USED = ("seed", "max_len", "n_boot", "num_threads")
 # llm.* fields that may change between a checkpoint and its resumption (they do not affect training)
@@ -91,7 +101,7 @@ DOMAIN_BY_DATASET = {
     "steam-llara-test": "game",
 }
 # independent random streams derived from the seeds
-_STREAM_SUBSET, _STREAM_ORDER, _STREAM_EVAL, _STREAM_STEP = 11, 12, 13, 14
+_STREAM_SUBSET, _STREAM_ORDER, _STREAM_EVAL, _STREAM_STEP, _STREAM_COND = 11, 12, 13, 14, 15
 _EVAL_CHUNK = 64  # test samples whose prompts are built (and embedded) at once
 
 
@@ -153,12 +163,20 @@ def _check_config(config: RunConfig, llm: LLMConfig) -> None:
             )
     if protocol not in ("next-item", "ctr"):
         raise ConfigError("config", "data.protocol", f"{method} supports next-item and ctr, not {protocol}")
-    if method == "llara":
-        if protocol != "next-item":
-            raise ConfigError("config", "data.protocol", "llara is defined for next-item only")
-        if not llm.crm_run:
+    if method == "llara" and protocol != "next-item":
+        raise ConfigError("config", "data.protocol", "llara is defined for next-item only")
+    if method in HYBRID_METHODS and not llm.crm_run:
+        raise ConfigError(
+            "config", "llm.crm_run", f"{method} needs a trained CRM run directory (e.g. SASRec)"
+        )
+    if llm.adapter != "lora":
+        if method == "zero-shot":
+            raise ConfigError("config", "llm.adapter", "zero-shot trains no adapter; leave it at lora")
+        if llm.cond == "crm" and not llm.crm_run:
             raise ConfigError(
-                "config", "llm.crm_run", "llara needs a trained CRM run directory (e.g. SASRec)"
+                "config",
+                "llm.crm_run",
+                f"adapter {llm.adapter} is conditioned on a CRM: name a trained CRM run",
             )
     if method != "zero-shot" and llm.max_steps == 0 and llm.epochs == 0:
         raise ConfigError("config", "llm.epochs", "set llm.epochs or llm.max_steps > 0 to train")
@@ -265,7 +283,9 @@ class PromptFactory:
         self.n_templates = len(self.domain.next_item.templates)
         self.users = self.frame["user_id"].to_numpy(np.int64)
         self.targets = self.frame["target"].to_numpy(np.int64)
-        self.histories = [np.asarray(h, dtype=np.int64)[-history_len:] for h in self.frame["history"]]
+        # the whole history (a CRM conditioning a personalized adapter may read more than the prompt shows)
+        self.full_histories = [np.asarray(h, dtype=np.int64) for h in self.frame["history"]]
+        self.histories = [h[-history_len:] for h in self.full_histories]
         self.candidates: list[np.ndarray] = []
         self.labels: np.ndarray | None = None
         self.ratings: list[np.ndarray] = []
@@ -412,27 +432,33 @@ class _ItemEmbedder:
         )
 
 
-def _forward_loss(model: nn.Module, batch: EncodedBatch, embedder: _ItemEmbedder | None) -> Tensor:
-    """The causal-LM loss on the answer tokens of ``batch`` (hybrid inputs when ``embedder`` is given)."""
+def _forward_loss(
+    model: nn.Module, batch: EncodedBatch, embedder: _ItemEmbedder | None, cond: Tensor | None = None
+) -> Tensor:
+    """The causal-LM loss on the answer tokens of ``batch`` (hybrid inputs when ``embedder`` is given; ``cond``
+    for a personalized adapter)."""
     if embedder is not None and batch.item_ids.numel():
         inputs: dict[str, Tensor] = {"inputs_embeds": embedder(batch)}
     else:
         inputs = {"input_ids": batch.input_ids}
+    if cond is not None:
+        inputs["cond"] = cond.to(batch.input_ids.device)
     return model(**inputs, attention_mask=batch.attention_mask, labels=batch.labels).loss
 
 
-def _load_item_table(crm_run: str, prepared: Prepared, dataset: str, device: torch.device) -> Tensor:
-    """The frozen item embeddings [n_items, d] of the best model of a CRM run trained on the same dataset."""
+def _load_crm(crm_run: str, prepared: Prepared, dataset: str, device: torch.device) -> tuple[nn.Module, int]:
+    """The frozen best model of a CRM run trained on the same dataset, and the history length it trained with."""
     from recadapt.cf.checkpoint import load_crm
+    from recadapt.train.config import load_config
 
     run = Path(crm_run).expanduser()
     if not (run / "best").is_dir():
         raise ConfigError("config", "llm.crm_run", f"{run} holds no trained CRM (no best/ folder)")
+    max_len = TrainConfig().max_len
     config_file = run / "config.yaml"
     if config_file.exists():
-        from recadapt.train.config import load_config
-
-        trained_on = load_config(config_file).data.dataset
+        crm_config = load_config(config_file)
+        trained_on, max_len = crm_config.data.dataset, crm_config.train.max_len
         if trained_on != dataset:
             raise ConfigError(
                 "config", "llm.crm_run", f"{run} was trained on {trained_on!r}, this run uses {dataset!r}"
@@ -442,8 +468,90 @@ def _load_item_table(crm_run: str, prepared: Prepared, dataset: str, device: tor
         raise ConfigError(
             "config", "llm.crm_run", f"{run} knows {crm.n_items} items, the dataset has {prepared.n_items}"
         )
+    return crm.to(device).eval().requires_grad_(False), max_len
+
+
+def _load_item_table(crm: nn.Module) -> Tensor:
+    """The CRM's frozen item embeddings [n_items, d] (LLaRA's hybrid item tokens)."""
     with torch.no_grad():
-        return crm.item_embeddings().detach().float().to(device)
+        return crm.item_embeddings().detach().float()
+
+
+@dataclass
+class CondSource:
+    """Per-instance conditioning for a personalized adapter: ``cond`` [rows, d] for rows of a prompt factory.
+
+    ``crm``: the frozen CRM's user representation of each row's most recent ``history_len`` items (iLoRA's
+    SASRec sequence representation); ``random``: a fixed standard-normal vector per user, drawn from (seed, user)
+    (iLoRA's ablation: a gate that sees no collaborative signal).
+    """
+
+    kind: str
+    dim: int
+    history_len: int
+    crm: nn.Module | None = None
+    seed: int = 0
+
+    def __call__(self, factory: PromptFactory, rows: Sequence[int]) -> Tensor:
+        if self.kind == "random":
+            vectors = [
+                np.random.default_rng([self.seed, _STREAM_COND, int(factory.users[r])]).standard_normal(
+                    self.dim
+                )
+                for r in rows
+            ]
+            return torch.tensor(np.stack(vectors), dtype=torch.float32)
+        from recadapt.data.batching import pad_histories
+
+        assert self.crm is not None
+        device = next(self.crm.parameters()).device
+        histories = pad_histories(
+            [factory.full_histories[r] for r in rows], self.history_len, int(self.crm.pad_id)
+        )
+        batch = {
+            "history": torch.from_numpy(histories).to(device),
+            "user_id": torch.from_numpy(factory.users[list(rows)]).to(device),
+        }
+        with torch.no_grad():
+            return self.crm.user_representation(batch).float()
+
+
+def _adapter_config(llm: LLMConfig, cond_dim: int) -> Any:
+    """The recadapt.adapters config of a personalized kind from the llm section; unknown options name the field."""
+    from recadapt.adapters import ConditionedConfig, adapter_kind, make_config
+
+    values: dict[str, Any] = {
+        "r": llm.lora_r,
+        "alpha": float(llm.lora_alpha),
+        "dropout": llm.lora_dropout,
+        "target_modules": list(llm.lora_target_modules),
+    }
+    if issubclass(adapter_kind(llm.adapter).config, ConditionedConfig):
+        values["cond_dim"] = cond_dim
+    try:
+        return make_config(llm.adapter, **values, **llm.adapter_options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError("config", "llm.adapter_options", str(err)) from err
+
+
+def attach_adapter(backbone_model: nn.Module, llm: LLMConfig, cond_dim: int = 0) -> nn.Module:
+    """The backbone with the configured adapter: PEFT's LoRA for ``lora``, else a :mod:`recadapt.adapters` kind
+    (an :class:`~recadapt.adapters.AdaptedModel`, called with ``cond=``)."""
+    if llm.adapter == "lora":
+        return with_lora(backbone_model, llm)
+    from recadapt.adapters import attach_adapters
+
+    try:
+        return attach_adapters(backbone_model, _adapter_config(llm, cond_dim))
+    except ValueError as err:  # e.g. a target module the backbone does not have
+        raise ConfigError("config", "llm.lora_target_modules", str(err)) from err
+
+
+def _inference_model(adapted: nn.Module) -> nn.Module:
+    """What evaluation calls: PEFT's base model (LoRA layers inside), or the AdaptedModel itself (it takes cond)."""
+    from recadapt.adapters import AdaptedModel
+
+    return adapted if isinstance(adapted, AdaptedModel) else adapted.get_base_model()
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
@@ -465,32 +573,51 @@ class LLMTrainerState:
     fingerprint: str = ""
 
 
-def _save_weights(folder: Path, peft_model: nn.Module | None, projector: nn.Module | None) -> None:
-    from peft import get_peft_model_state_dict
+def _save_weights(folder: Path, adapted: nn.Module | None, projector: nn.Module | None) -> None:
+    """The adapter (PEFT's files for ``lora``, :func:`recadapt.adapters.save_adapters` in ``adapter/`` for the
+    personalized kinds) and the projector, into ``folder``."""
     from safetensors.torch import save_file
 
-    if peft_model is not None:
-        state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    from recadapt.adapters import AdaptedModel, save_adapters
+
+    if isinstance(adapted, AdaptedModel):
+        save_adapters(adapted, folder / PERSONAL_ADAPTER_DIR)
+    elif adapted is not None:
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(adapted, save_embedding_layers=False)
         save_file(_cpu_tensors(state), str(folder / ADAPTER_FILE), metadata={"format": "pt"})
-        peft_model.peft_config["default"].save_pretrained(str(folder))
+        adapted.peft_config["default"].save_pretrained(str(folder))
     if projector is not None:
         save_file(
             _cpu_tensors(projector.state_dict()), str(folder / PROJECTOR_FILE), metadata={"format": "pt"}
         )
 
 
-def _load_weights(folder: Path, peft_model: nn.Module | None, projector: nn.Module | None) -> None:
-    from peft import set_peft_model_state_dict
+def _load_weights(folder: Path, adapted: nn.Module | None, projector: nn.Module | None) -> None:
     from safetensors.torch import load_file
 
-    if peft_model is not None:
-        result = set_peft_model_state_dict(peft_model, load_file(str(folder / ADAPTER_FILE)))
+    from recadapt.adapters import ADAPTER_WEIGHTS, AdaptedModel
+
+    if isinstance(adapted, AdaptedModel):
+        try:
+            adapted.load_adapter_state_dict(load_file(str(folder / PERSONAL_ADAPTER_DIR / ADAPTER_WEIGHTS)))
+        except ValueError as err:
+            raise ConfigError(folder, "adapter", str(err)) from err
+    elif adapted is not None:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(adapted, load_file(str(folder / ADAPTER_FILE)))
         if result.unexpected_keys:
             raise ConfigError(
                 folder, "adapter", f"weights do not fit the model: {result.unexpected_keys[:3]}"
             )
     if projector is not None:
         projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
+
+
+def _has_adapter(folder: Path) -> bool:
+    return (folder / ADAPTER_FILE).exists() or (folder / PERSONAL_ADAPTER_DIR).is_dir()
 
 
 def _cpu_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -513,7 +640,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _save_checkpoint(
     accelerator: Accelerator,
     path: Path,
-    peft_model: nn.Module,
+    adapted: nn.Module,
     projector: nn.Module | None,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -525,7 +652,7 @@ def _save_checkpoint(
     rng = gather_object([_rng_state()])  # one entry per process, in process order
     if accelerator.is_main_process:
         with atomic_directory(path) as tmp:
-            _save_weights(tmp, peft_model, projector)
+            _save_weights(tmp, adapted, projector)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rng, tmp / "rng.pt")
@@ -543,12 +670,12 @@ def _read_state(path: Path) -> LLMTrainerState | None:
 def _load_checkpoint(
     accelerator: Accelerator,
     path: Path,
-    peft_model: nn.Module,
+    adapted: nn.Module,
     projector: nn.Module | None,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> None:
-    _load_weights(path, peft_model, projector)
+    _load_weights(path, adapted, projector)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
@@ -600,6 +727,7 @@ def evaluate_llm(
     n_boot: int,
     seed: int,
     progress: bool = False,
+    cond_source: CondSource | None = None,
 ) -> dict[str, dict[str, Estimate]]:
     """Metrics per ranking mode (next-item) or ``{"ctr": ...}`` (AUC, LogLoss, Accuracy), on ``rows`` of the part.
 
@@ -637,9 +765,12 @@ def evaluate_llm(
         )
         device = next(model.parameters()).device
         inputs = _prompt_inputs(encoder.encode(prompts).to(device), embedder)
+        cond = cond_source(factory, chunk_rows).to(device) if cond_source is not None else None
         with autocast():
             if factory.protocol == "ctr":
-                probs.append(yes_probability(model, inputs, yes_id, no_id, batch_size=batch_size).numpy())
+                probs.append(
+                    yes_probability(model, inputs, yes_id, no_id, batch_size=batch_size, cond=cond).numpy()
+                )
                 continue
             titles = [[factory.titles[i] for i in factory.candidates[r]] for r in chunk_rows]
             token_ids = [[candidate_ids(t) for t in row] for row in titles]
@@ -653,6 +784,7 @@ def evaluate_llm(
                     candidate_titles=titles,
                     batch_size=batch_size,
                     max_new_tokens=max_new_tokens,
+                    cond=cond,
                 )
                 scores[mode].append(ranking.scores)
                 valid[mode].append(ranking.valid)
@@ -760,11 +892,7 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
     backbone = load_backbone(llm.backbone, dtype=llm.dtype, device=accelerator.device)
     backbone.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     encoder = ItemTokenizer(backbone.tokenizer, model=backbone.model)
-    item_table = (
-        _load_item_table(llm.crm_run, prepared, data.dataset, accelerator.device)
-        if method == "llara" and llm.crm_run
-        else None
-    )
+    item_table, cond_source = _collaborative_inputs(config, prepared, accelerator.device)
     projector = (
         ItemProjector(item_table.shape[1], backbone.hidden_size).to(accelerator.device)
         if item_table is not None
@@ -775,9 +903,9 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
     train_factory = PromptFactory(prepared, "train", domain, tc.max_len)
     subset = training_rows(prepared.parts["train"], data.protocol, llm.train_samples, data.split_seed)
     model: nn.Module = backbone.model
-    peft_model: nn.Module | None = None
+    adapted: nn.Module | None = None
     if method != "zero-shot":
-        model, peft_model, projector, state = _train(
+        model, adapted, projector, state = _train(
             accelerator,
             config,
             llm,
@@ -788,6 +916,7 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
             item_table,
             projector,
             state or LLMTrainerState(fingerprint=fingerprint, num_processes=accelerator.num_processes),
+            cond_source=cond_source,
             progress=progress,
         )
     train_seconds = time.time() - started
@@ -801,7 +930,7 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
 
     payload: dict[str, Any] = {}
     if main:
-        base = accelerator.unwrap_model(peft_model).get_base_model() if peft_model is not None else model
+        base = _inference_model(accelerator.unwrap_model(adapted)) if adapted is not None else model
         rows, reports = _evaluate_part(
             config,
             base,
@@ -814,6 +943,7 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
             autocast=accelerator.autocast,
             n_boot=tc.n_boot,
             progress=progress,
+            cond_source=cond_source,
         )
         headline = "ctr" if data.protocol == "ctr" else llm.eval_modes[0]
         payload = {
@@ -843,6 +973,33 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
     return payload
 
 
+def _collaborative_inputs(
+    config: RunConfig, prepared: Prepared, device: torch.device
+) -> tuple[Tensor | None, CondSource | None]:
+    """What a method takes from its CRM run: the item table (hybrid prompts) and the adapter's cond source."""
+    llm = config.llm or LLMConfig()
+    hybrid = config.model_name in HYBRID_METHODS
+    conditioned = llm.adapter not in ("lora",) and config.model_name != "zero-shot"
+    crm, crm_len = (None, 0)
+    if llm.crm_run and (hybrid or (conditioned and llm.cond == "crm")):
+        crm, crm_len = _load_crm(llm.crm_run, prepared, config.data.dataset, device)
+    item_table = _load_item_table(crm) if hybrid and crm is not None else None
+    cond_source = None
+    if conditioned:
+        from recadapt.adapters import ConditionedConfig, adapter_kind
+
+        if issubclass(adapter_kind(llm.adapter).config, ConditionedConfig):
+            dim = int(crm.embedding_dim) if crm is not None else int(llm.adapter_options.get("cond_dim", 64))
+            cond_source = CondSource(
+                kind=llm.cond,
+                dim=dim,
+                history_len=llm.cond_history_len or crm_len,
+                crm=crm if llm.cond == "crm" else None,
+                seed=config.train.seed,
+            )
+    return item_table, cond_source
+
+
 def _evaluate_part(
     config: RunConfig,
     model: nn.Module,
@@ -856,6 +1013,7 @@ def _evaluate_part(
     autocast: Callable[[], Any],
     n_boot: int,
     progress: bool,
+    cond_source: CondSource | None = None,
 ) -> tuple[np.ndarray, dict[str, dict[str, Estimate]]]:
     """Rank (or score, for CTR) the evaluation rows of ``part`` with ``model``; returns the rows and the reports."""
     llm = config.llm or LLMConfig()
@@ -881,6 +1039,7 @@ def _evaluate_part(
         n_boot=n_boot,
         seed=config.train.seed,
         progress=progress,
+        cond_source=cond_source,
     )
     return rows, reports
 
@@ -913,8 +1072,8 @@ def evaluate_llm_run(
     if method not in LLM_METHODS:
         raise ConfigError(config_file, "model.name", f"{method!r} is not an LLM method")
     final = run_dir / FINAL_DIR
-    if method != "zero-shot" and not (final / ADAPTER_FILE).exists():
-        raise FileNotFoundError(f"{run_dir} has no trained adapter ({final / ADAPTER_FILE}); train it first")
+    if method != "zero-shot" and not _has_adapter(final):
+        raise FileNotFoundError(f"{run_dir} has no trained adapter (nothing in {final}); train it first")
     modes = list(modes or llm.eval_modes)
     if data.protocol == "ctr":
         modes = list(llm.eval_modes)  # CTR has one scoring rule; the modes do not apply
@@ -929,14 +1088,14 @@ def evaluate_llm_run(
     backbone = load_backbone(llm.backbone, dtype=llm.dtype, device=accelerator.device)
     encoder = ItemTokenizer(backbone.tokenizer, model=backbone.model)
     model: nn.Module = backbone.model
-    item_table = projector = None
-    if method == "llara" and llm.crm_run:
-        item_table = _load_item_table(llm.crm_run, prepared, data.dataset, accelerator.device)
+    item_table, cond_source = _collaborative_inputs(config, prepared, accelerator.device)
+    projector = None
+    if item_table is not None:
         projector = ItemProjector(item_table.shape[1], backbone.hidden_size).to(accelerator.device)
     if method != "zero-shot":
-        peft_model = with_lora(backbone.model, llm)
-        _load_weights(final, peft_model, projector)
-        model = peft_model.get_base_model()
+        adapted = attach_adapter(backbone.model, llm, cond_source.dim if cond_source else 0)
+        _load_weights(final, adapted, projector)
+        model = _inference_model(adapted)
     if projector is not None:
         projector.eval()
     _, reports = _evaluate_part(
@@ -951,6 +1110,7 @@ def evaluate_llm_run(
         autocast=accelerator.autocast,
         n_boot=config.train.n_boot if n_boot is None else n_boot,
         progress=progress,
+        cond_source=cond_source,
     )
     return reports
 
@@ -967,17 +1127,24 @@ def _train(
     projector: nn.Module | None,
     state: LLMTrainerState,
     *,
+    cond_source: CondSource | None = None,
     progress: bool,
 ) -> tuple[nn.Module, nn.Module, nn.Module | None, LLMTrainerState]:
-    """The training loop; returns the prepared model, the PEFT model, the projector and the final state."""
+    """The training loop; returns the prepared model, the adapted (PEFT or AdaptedModel) model, the projector
+    and the final state."""
     from transformers import get_cosine_schedule_with_warmup
+
+    from recadapt.adapters import AdaptedModel
 
     seed, run_dir = config.train.seed, config.run_dir
     ckpt_dir = run_dir / CHECKPOINT_DIR
-    peft_model = with_lora(backbone_model, llm)
-    groups = [
-        {"params": [p for p in peft_model.parameters() if p.requires_grad], "lr": llm.lr, "name": "lora"},
-    ]
+    adapted = attach_adapter(backbone_model, llm, cond_source.dim if cond_source else 0)
+    if isinstance(adapted, AdaptedModel):  # adapter weights at lr, a gate / conditioner at its own scale
+        groups = adapted.param_groups(llm.lr)
+    else:
+        groups = [
+            {"params": [p for p in adapted.parameters() if p.requires_grad], "lr": llm.lr, "name": "lora"},
+        ]
     if projector is not None:
         groups.append(
             {"params": list(projector.parameters()), "lr": llm.projector_lr or llm.lr, "name": "projector"}
@@ -1007,11 +1174,11 @@ def _train(
     # the projector is saved and loaded unwrapped; the prepared one (DDP under several processes) trains
     raw_projector = projector
     if projector is not None:
-        model, projector, optimizer = accelerator.prepare(peft_model, projector, optimizer)
+        model, projector, optimizer = accelerator.prepare(adapted, projector, optimizer)
     else:
-        model, optimizer = accelerator.prepare(peft_model, optimizer)
+        model, optimizer = accelerator.prepare(adapted, optimizer)
     if state.step > 0 or state.finished:
-        _load_checkpoint(accelerator, ckpt_dir, peft_model, raw_projector, optimizer, scheduler)
+        _load_checkpoint(accelerator, ckpt_dir, adapted, raw_projector, optimizer, scheduler)
         state.window_tokens = 0  # tokens/s restarts with the clock; loss sums carry over
         log.info(
             "resuming %s at step %d (epoch %d, batch %d)",
@@ -1062,7 +1229,8 @@ def _train(
             )
             batch = batch.to(accelerator.device)
             with accelerator.accumulate(*([model] if projector is None else [model, projector])):
-                loss = _forward_loss(model, batch, embedder if hybrid else None)
+                cond = cond_source(factory, rows) if cond_source is not None else None
+                loss = _forward_loss(model, batch, embedder if hybrid else None, cond)
                 value = (
                     float(accelerator.reduce(loss.detach(), "mean"))
                     if accelerator.num_processes > 1
@@ -1112,9 +1280,7 @@ def _train(
             if state.step >= total_steps:
                 break
             if state.step % llm.checkpoint_every == 0:
-                _save_checkpoint(
-                    accelerator, ckpt_dir, peft_model, raw_projector, optimizer, scheduler, state
-                )
+                _save_checkpoint(accelerator, ckpt_dir, adapted, raw_projector, optimizer, scheduler, state)
         else:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     bar.close()
@@ -1122,8 +1288,8 @@ def _train(
         logger.close()
     if accelerator.is_main_process:
         with atomic_directory(run_dir / FINAL_DIR) as tmp:
-            _save_weights(tmp, peft_model, raw_projector)
+            _save_weights(tmp, adapted, raw_projector)
     if not state.finished:
         state.finished = True
-        _save_checkpoint(accelerator, ckpt_dir, peft_model, raw_projector, optimizer, scheduler, state)
-    return model, peft_model, projector, state
+        _save_checkpoint(accelerator, ckpt_dir, adapted, raw_projector, optimizer, scheduler, state)
+    return model, adapted, projector, state
