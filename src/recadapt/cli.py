@@ -77,13 +77,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if load_config(run_dir / "config.yaml").model_name in LLM_METHODS:
         from recadapt.train.llm import evaluate_llm_run
 
+        if args.samples is not None:
+            raise ValueError("--samples applies to CRM runs; an LLM run evaluates its own llm.eval_samples")
         reports = evaluate_llm_run(run_dir, part=args.part, modes=args.mode, n_boot=args.n_boot)
     else:
         from recadapt.train.crm import evaluate_run
 
         if args.mode:
             raise ValueError("--mode applies to LLM runs; a conventional recommender scores every candidate")
-        reports = {"": evaluate_run(run_dir, part=args.part, n_boot=args.n_boot)}
+        reports = {"": evaluate_run(run_dir, part=args.part, n_boot=args.n_boot, samples=args.samples or 0)}
     for mode, report in reports.items():
         label = f"{args.part} {mode}".strip() if mode and mode != "ctr" else args.part
         for name, est in report.items():
@@ -149,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--part", default="test", choices=["valid", "test"])
     ev.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (default: the run's)")
+    ev.add_argument(
+        "--samples",
+        type=int,
+        help="CRM runs: evaluate on the fixed subset of N rows an LLM run uses with llm.eval_samples=N",
+    )
     ev.add_argument(
         "--mode",
         nargs="+",

@@ -54,3 +54,14 @@ def test_ctr_probabilities_are_sigmoid_of_target_logit():
     probs = crm_scores(FixedScores(3), part, "ctr", n_items=3, max_len=2)
     np.testing.assert_allclose(probs, torch.sigmoid(torch.tensor([0.0, 2.0])).numpy())
     assert report_from_scores(probs, part, "ctr", n_boot=10)["AUC"].value == 1.0
+
+
+def test_evaluation_rows_are_a_fixed_sorted_subset_or_everything():
+    from recadapt.tasks.evaluate import evaluation_rows
+
+    np.testing.assert_array_equal(evaluation_rows(10, 0, 0), np.arange(10))
+    np.testing.assert_array_equal(evaluation_rows(10, 50, 0), np.arange(10))
+    rows = evaluation_rows(1000, 100, 0)
+    assert len(set(rows.tolist())) == 100 and (np.diff(rows) > 0).all() and rows.max() < 1000
+    np.testing.assert_array_equal(rows, evaluation_rows(1000, 100, 0))
+    assert not np.array_equal(rows, evaluation_rows(1000, 100, 1))  # another split seed, another subset

@@ -59,6 +59,12 @@ def test_train_and_eval_beat_chance(tmp_path: Path, capsys, protocol: str, metri
     assert main(["eval", str(run_dir), "--n-boot", "100", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed[metric]["value"] == pytest.approx(estimate["value"])
+    # --samples N: the fixed subset an LLM run with llm.eval_samples=N is scored on, the same on every call
+    subsets = []
+    for _ in range(2):
+        assert main(["eval", str(run_dir), "--n-boot", "20", "--samples", "7", "--json"]) == 0
+        subsets.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])[metric]["value"])
+    assert subsets[0] == subsets[1]
 
 
 def test_bad_override_is_a_clear_error(tmp_path: Path, capsys):

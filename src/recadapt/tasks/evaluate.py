@@ -13,6 +13,15 @@ from recadapt.data.protocols import list_offsets_values, to_list_array
 from recadapt.tasks.metrics import Estimate, ctr_report, ranking_report, target_ranks
 
 RANKING_KS = {"next-item": (1, 5, 10), "full-ranking": (1, 5, 10, 20, 50)}
+_STREAM_EVAL = 13  # the random stream of evaluation subsets (shared by every method)
+
+
+def evaluation_rows(n: int, n_samples: int, split_seed: int) -> np.ndarray:
+    """All ``n`` rows of a part, or a fixed random subset of ``n_samples`` of them: the same rows for every method
+    (LLM or CRM) evaluated with the same ``n_samples``, so subset results compare like for like."""
+    if n_samples <= 0 or n_samples >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([split_seed, _STREAM_EVAL]).choice(n, n_samples, replace=False))
 
 
 def _batches(n: int, batch_size: int) -> Iterator[slice]:

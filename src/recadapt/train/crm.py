@@ -27,7 +27,7 @@ from recadapt.data.prepare import Prepared
 from recadapt.data.store import ensure_prepared
 from recadapt.errors import ConfigError, NonFiniteLossError
 from recadapt.io import atomic_directory, write_json_atomic
-from recadapt.tasks.evaluate import evaluate_crm, monitor_metric
+from recadapt.tasks.evaluate import evaluate_crm, evaluation_rows, monitor_metric
 from recadapt.tasks.metrics import Estimate
 from recadapt.train.config import RunConfig, _coerce, save_config
 from recadapt.train.logger import RunLogger
@@ -239,8 +239,11 @@ def train_crm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
     return payload
 
 
-def evaluate_run(run_dir: Path, part: str = "test", n_boot: int | None = None) -> dict[str, Estimate]:
-    """Re-evaluate a finished run's best model on a part of its persisted split (``n_boot``: the run's)."""
+def evaluate_run(
+    run_dir: Path, part: str = "test", n_boot: int | None = None, samples: int = 0
+) -> dict[str, Estimate]:
+    """Re-evaluate a finished run's best model on a part of its persisted split (``n_boot``: the run's);
+    ``samples`` > 0 keeps the fixed subset an LLM run evaluated with ``llm.eval_samples`` = ``samples``."""
     from recadapt.train.config import load_config
 
     config = load_config(run_dir / "config.yaml")
@@ -249,9 +252,11 @@ def evaluate_run(run_dir: Path, part: str = "test", n_boot: int | None = None) -
         data.dataset, data.protocol, data_root=data.data_dir, out_root=data.prepared_dir, seed=data.split_seed
     )
     model = load_crm(run_dir / "best")
+    frame = prepared.parts[part]
+    frame = frame.iloc[evaluation_rows(len(frame), samples, data.split_seed)].reset_index(drop=True)
     return evaluate_crm(
         model,
-        prepared.parts[part],
+        frame,
         data.protocol,
         prepared.n_items,
         config.train.max_len,

@@ -52,7 +52,7 @@ from recadapt.llm.prompts import (
     load_templates,
     pick_template_index,
 )
-from recadapt.tasks.evaluate import RANKING_KS
+from recadapt.tasks.evaluate import RANKING_KS, evaluation_rows
 from recadapt.tasks.metrics import Estimate, ctr_report, mean_with_ci, ranking_report, target_ranks
 from recadapt.train.config import (
     HYBRID_METHODS,
@@ -101,7 +101,7 @@ DOMAIN_BY_DATASET = {
     "steam-llara-test": "game",
 }
 # independent random streams derived from the seeds
-_STREAM_SUBSET, _STREAM_ORDER, _STREAM_EVAL, _STREAM_STEP, _STREAM_COND = 11, 12, 13, 14, 15
+_STREAM_SUBSET, _STREAM_ORDER, _STREAM_STEP, _STREAM_COND = 11, 12, 14, 15  # 13: evaluation_rows
 _EVAL_CHUNK = 64  # test samples whose prompts are built (and embedded) at once
 
 
@@ -693,13 +693,6 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
-
-
-def evaluation_rows(n: int, n_samples: int, split_seed: int) -> np.ndarray:
-    """All ``n`` test rows, or a fixed random subset of ``n_samples`` of them (the same for every method)."""
-    if n_samples <= 0 or n_samples >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng([split_seed, _STREAM_EVAL]).choice(n, n_samples, replace=False))
 
 
 def _prompt_inputs(batch: EncodedBatch, embedder: _ItemEmbedder | None) -> list[Tensor]:
