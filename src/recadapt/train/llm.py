@@ -1,5 +1,7 @@
-"""Training recipe for LLM recommenders: ``zero-shot`` (no training), ``tallrec`` (text prompts + LoRA) and
-``llara`` (hybrid prompts + LoRA + curriculum over a frozen CRM's item embeddings).
+"""Training recipe for LLM recommenders: ``zero-shot`` (no training), ``tallrec`` (text prompts + LoRA),
+``llara`` (hybrid prompts + LoRA + curriculum over a frozen CRM's item embeddings) and ``ilora`` (LLaRA's prompts
+with a mixture-of-experts LoRA gated per instance by the CRM's sequence representation). ``llm.adapter`` picks any
+:mod:`recadapt.adapters` kind; conditioned kinds get ``cond`` from :class:`CondSource` at every forward.
 
 One loop on Hugging Face ``accelerate`` (a single CPU process here; ``accelerate launch`` runs the same code on
 several GPUs or nodes): LoRA through PEFT, gradient accumulation, linear warm-up then cosine decay, one learning
