@@ -11,6 +11,7 @@ import numpy as np
 
 from recadapt.io import write_text_atomic
 
+ONE_CANDIDATE_MODES = ("generate", "constrained")
 REPORTED = {
     "next-item": ("HR@1", "NDCG@10", "ValidRatio"),
     "ctr": ("AUC", "LogLoss", "Accuracy"),
@@ -32,6 +33,10 @@ def load_runs(run_dirs: list[Path]) -> list[dict[str, Any]]:
             runs.append(run)
             continue
         for mode, report in by_mode.items():
+            if (
+                mode in ONE_CANDIDATE_MODES
+            ):  # they name one candidate: HitRatio@1 only (runs before 11/2026 had more)
+                report = {k: v for k, v in report.items() if k in ("HR@1", "ValidRatio")}
             runs.append({**run, "model": f"{run['model']} ({mode})", "test": report})
     return runs
 

@@ -324,6 +324,47 @@ def test_ilora_trains_a_gated_moe_lora_and_reloads(workdir: Path, capsys) -> Non
     assert _metrics(workdir / "runs" / "ilora-random")["optimizer_steps"] == 2
 
 
+def test_reclora_mixes_meta_loras_per_user_on_ctr(workdir: Path, capsys) -> None:
+    """RecLoRA under CTR: a CRM trained on all data conditions a bank of meta-LoRAs, the LLM trains on a few-shot
+    set, the prompt keeps the short history while the CRM reads a longer one; a reloaded run reproduces it."""
+    from recadapt.train.crm import train_crm
+
+    crm_run = workdir / "runs" / "sasrec-ctr"
+    crm_config = load_config(
+        REPO / "configs" / "sasrec.yaml",
+        [
+            f"data.dataset=recbole:{FIXTURE}",
+            "data.protocol=ctr",
+            f"data.prepared_dir={workdir / 'prepared'}",
+            f"output_dir={workdir / 'runs'}",
+            "name=sasrec-ctr",
+            "model.hidden_size=16",
+            "model.max_len=20",
+            "train.max_len=20",
+            "train.epochs=1",
+            "train.n_boot=10",
+        ],
+    )
+    train_crm(crm_config, progress=False)
+    extra = [
+        f"llm.crm_run={crm_run}",
+        "llm.adapter_options={n_members: 3, gate_hidden: 8}",
+        "llm.train_samples=16",
+        "llm.eval_samples=40",
+        "llm.checkpoint_every=50",
+        "train.max_len=3",  # short history in the prompt; the CRM reads its own 20
+    ]
+    assert main(_args(workdir, "reclora", "reclora", *extra, protocol="ctr")) == 0
+    run_dir = workdir / "runs" / "reclora"
+    metrics = _metrics(run_dir)
+    assert metrics["model"] == "reclora" and set(metrics["test"]) == {"AUC", "LogLoss", "Accuracy"}
+    saved = json.loads((run_dir / "final" / "adapter" / "adapter_config.json").read_text())
+    assert saved["kind"] == "personal-lora" and saved["config"]["n_members"] == 3
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ctr": metrics["test"]}
+
+
 def test_zero_shot_and_ctr(workdir: Path, capsys) -> None:
     assert main(_args(workdir, "zero-shot", "zero-shot", "llm.eval_modes=[score]")) == 0
     metrics = _metrics(workdir / "runs" / "zero-shot")

@@ -19,7 +19,13 @@ import yaml
 from recadapt.errors import ConfigError
 
 PROTOCOLS = ("next-item", "ctr", "full-ranking")
-LLM_METHODS = ("zero-shot", "tallrec", "llara", "ilora")  # model.name values trained by recadapt.train.llm
+LLM_METHODS = (
+    "zero-shot",
+    "tallrec",
+    "llara",
+    "ilora",
+    "reclora",
+)  # model.name values trained by recadapt.train.llm
 HYBRID_METHODS = ("llara", "ilora")  # prompts carry projected CRM item embeddings (with LLaRA's curriculum)
 # recadapt.adapters.ADAPTERS' kinds (not imported: it needs torch); "lora" trains through PEFT
 ADAPTER_KINDS = ("lora", "moe-lora", "personal-lora", "cf-lora")
