@@ -365,6 +365,67 @@ def test_reclora_mixes_meta_loras_per_user_on_ctr(workdir: Path, capsys) -> None
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ctr": metrics["test"]}
 
 
+def test_rella_and_rellax_retrieve_history_and_reload(workdir: Path, capsys, monkeypatch, tmp_path) -> None:
+    """ReLLa: training mixes recent and retrieved views (ReiT), evaluation shows the retrieved view, the item
+    vectors are cached; ReLLaX adds soft prompts and CFLoRA on the CRM's user vectors. Both reload exactly."""
+    import recadapt.train.llm as llm_module
+    from recadapt.train.crm import train_crm
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    views: list[tuple[str, list[bool]]] = []
+    encode = llm_module.encode_fitted
+
+    def spy(encoder, factory, rows, *, retrieved=None, **kwargs):
+        views.append((factory.part, list(retrieved or [])))
+        return encode(encoder, factory, rows, retrieved=retrieved, **kwargs)
+
+    monkeypatch.setattr(llm_module, "encode_fitted", spy)
+    few_shot = ["llm.train_samples=16", "llm.eval_samples=40", "llm.checkpoint_every=50", "train.max_len=3"]
+    assert main(_args(workdir, "rella", "rella", *few_shot, "llm.retrieval_dim=8", protocol="ctr")) == 0
+    run_dir = workdir / "runs" / "rella"
+    metrics = _metrics(run_dir)
+    assert metrics["model"] == "rella" and set(metrics["test"]) == {"AUC", "LogLoss", "Accuracy"}
+    trained = [v for part, batch in views if part == "train" for v in batch]
+    evaluated = [v for part, batch in views if part == "test" for v in batch]
+    assert True in trained and False in trained, "ReiT must train on both views"
+    assert evaluated and all(evaluated), "evaluation must use the retrieved view"
+    cached = list((tmp_path / "cache" / "recadapt" / "retrieval").glob("*.safetensors"))
+    assert len(cached) == 1
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ctr": metrics["test"]}
+
+    crm_config = load_config(
+        REPO / "configs" / "sasrec.yaml",
+        [
+            f"data.dataset=recbole:{FIXTURE}",
+            "data.protocol=ctr",
+            f"data.prepared_dir={workdir / 'prepared'}",
+            f"output_dir={workdir / 'runs'}",
+            "name=sasrec-ctr-rellax",
+            "model.hidden_size=16",
+            "train.epochs=1",
+            "train.n_boot=10",
+        ],
+    )
+    train_crm(crm_config, progress=False)
+    crm = f"llm.crm_run={workdir / 'runs' / 'sasrec-ctr-rellax'}"
+    assert (
+        main(_args(workdir, "rellax", "rellax", *few_shot, "llm.retrieval_dim=8", crm, protocol="ctr")) == 0
+    )
+    run_dir = workdir / "runs" / "rellax"
+    metrics = _metrics(run_dir)
+    saved = json.loads((run_dir / "final" / "adapter" / "adapter_config.json").read_text())
+    assert saved["kind"] == "cf-lora" and saved["config"]["cond_dim"] == 16
+    assert (run_dir / "final" / "projector.safetensors").is_file()  # the soft prompts' projector
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ctr": metrics["test"]}
+    # next-item has no target to retrieve against: a clear error naming the field
+    assert main(_args(workdir, "rella", "rella-next", "llm.history=retrieved")) == 2
+    assert "llm.history" in capsys.readouterr().err
+
+
 def test_zero_shot_and_ctr(workdir: Path, capsys) -> None:
     assert main(_args(workdir, "zero-shot", "zero-shot", "llm.eval_modes=[score]")) == 0
     metrics = _metrics(workdir / "runs" / "zero-shot")

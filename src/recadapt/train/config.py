@@ -19,14 +19,11 @@ import yaml
 from recadapt.errors import ConfigError
 
 PROTOCOLS = ("next-item", "ctr", "full-ranking")
-LLM_METHODS = (
-    "zero-shot",
-    "tallrec",
-    "llara",
-    "ilora",
-    "reclora",
-)  # model.name values trained by recadapt.train.llm
-HYBRID_METHODS = ("llara", "ilora")  # prompts carry projected CRM item embeddings (with LLaRA's curriculum)
+# model.name values trained by recadapt.train.llm
+LLM_METHODS = ("zero-shot", "tallrec", "llara", "ilora", "reclora", "rella", "rellax")
+# prompts carry projected CRM item embeddings (LLaRA's hybrid items, with its curriculum; ReLLaX's soft prompts)
+HYBRID_METHODS = ("llara", "ilora", "rellax")
+HISTORY_VIEWS = ("recent", "retrieved", "mixed")
 # recadapt.adapters.ADAPTERS' kinds (not imported: it needs torch); "lora" trains through PEFT
 ADAPTER_KINDS = ("lora", "moe-lora", "personal-lora", "cf-lora")
 COND_SOURCES = ("crm", "random")
@@ -103,6 +100,11 @@ class LLMConfig:
     # sequence representation), random = a fixed random vector per user (the ablation)
     cond: str = "crm"
     cond_history_len: int = 0  # history items the CRM reads for cond; 0: the CRM run's train.max_len
+    # which train.max_len history items a prompt shows: the most recent, the retrieved ones (ReLLa's SUBR: the
+    # items whose backbone text embeddings are most cosine-similar to the target's), or mixed (ReiT: each training
+    # sample draws one of the two views per epoch; evaluation uses the retrieved view). ctr only.
+    history: str = "recent"
+    retrieval_dim: int = 512  # PCA dimension of SUBR's item embeddings (the hidden size if smaller)
     # ranking modes for next-item evaluation (generate, constrained, score); the first gives metrics.json "test"
     eval_modes: list[str] = field(default_factory=lambda: ["generate"])
     eval_samples: int = 0  # > 0: evaluate on a fixed random subset of the test part
@@ -137,6 +139,12 @@ class LLMConfig:
             )
         if self.cond not in COND_SOURCES:
             raise ConfigError("config", "llm.cond", f"must be one of {COND_SOURCES}, got {self.cond!r}")
+        if self.history not in HISTORY_VIEWS:
+            raise ConfigError(
+                "config", "llm.history", f"must be one of {HISTORY_VIEWS}, got {self.history!r}"
+            )
+        if self.retrieval_dim < 1:
+            raise ConfigError("config", "llm.retrieval_dim", f"must be >= 1, got {self.retrieval_dim}")
         if self.cond_history_len < 0:
             raise ConfigError("config", "llm.cond_history_len", f"must be >= 0, got {self.cond_history_len}")
         if self.precision not in PRECISIONS:

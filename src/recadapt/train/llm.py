@@ -171,6 +171,13 @@ def _check_config(config: RunConfig, llm: LLMConfig) -> None:
         raise ConfigError(
             "config", "llm.crm_run", f"{method} needs a trained CRM run directory (e.g. SASRec)"
         )
+    if llm.history != "recent" and protocol != "ctr":
+        raise ConfigError(
+            "config",
+            "llm.history",
+            "retrieval (SUBR) ranks history items by similarity to the target item, which only ctr gives; "
+            "use llm.history=recent for next-item",
+        )
     if llm.adapter != "lora":
         if method == "zero-shot":
             raise ConfigError("config", "llm.adapter", "zero-shot trains no adapter; leave it at lora")
@@ -275,7 +282,7 @@ class PromptFactory:
     """
 
     def __init__(self, prepared: Prepared, part: str, domain: str, history_len: int) -> None:
-        self.protocol = prepared.protocol
+        self.protocol, self.part = prepared.protocol, part
         if self.protocol not in ("next-item", "ctr"):
             raise ValueError(f"LLM prompts exist for next-item and ctr, not {self.protocol}")
         self.domain = load_templates(domain)
@@ -291,28 +298,54 @@ class PromptFactory:
         self.candidates: list[np.ndarray] = []
         self.labels: np.ndarray | None = None
         self.ratings: list[np.ndarray] = []
+        self.full_ratings: list[np.ndarray] = []
+        # ReLLa's retrieved view: positions into each full history (set by set_retrieval), else None
+        self.retrieved: list[np.ndarray] | None = None
         self.profiles: dict[int, dict[str, Any]] = {}
         if self.protocol == "next-item":
             self.candidates = [np.asarray(c, dtype=np.int64) for c in self.frame["candidates"]]
         else:
             self.labels = self.frame["label"].to_numpy(np.int64)
-            self.ratings = [
-                np.asarray(r, dtype=np.float64)[-history_len:] for r in self.frame["history_ratings"]
-            ]
+            self.full_ratings = [np.asarray(r, dtype=np.float64) for r in self.frame["history_ratings"]]
+            self.ratings = [r[-history_len:] for r in self.full_ratings]
             users = prepared.users.drop(columns=["raw_id"], errors="ignore")
             self.profiles = {int(row.pop("user_id")): row for row in users.to_dict("records")}
 
     def __len__(self) -> int:
         return len(self.frame)
 
-    def n_history(self, row: int) -> int:
-        return len(self.histories[row])
+    def set_retrieval(self, positions: Sequence[np.ndarray]) -> None:
+        """Give every row a retrieved view: ``positions`` (ascending) into its full history, e.g. ReLLa's SUBR
+        top-K (:func:`recadapt.llm.retrieval.retrieval_positions`)."""
+        if len(positions) != len(self):
+            raise ValueError(f"{len(positions)} retrieved views for {len(self)} rows")
+        self.retrieved = [np.asarray(p, dtype=np.int64) for p in positions]
+
+    def view(self, row: int, retrieved: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """The history items (oldest first) and, for ctr, their ratings that ``row``'s prompt shows: the most
+        recent ``history_len`` items, or the retrieved ones."""
+        ratings = self.ratings[row] if self.ratings else None
+        if not retrieved:
+            return self.histories[row], ratings
+        if self.retrieved is None:
+            raise ValueError("no retrieved view: call set_retrieval first")
+        keep = self.retrieved[row]
+        return self.full_histories[row][keep], (self.full_ratings[row][keep] if self.full_ratings else None)
+
+    def n_history(self, row: int, retrieved: bool = False) -> int:
+        return len(self.view(row, retrieved)[0])
 
     def prompt(
-        self, row: int, *, n_history: int | None = None, template: int = 0, hybrid: bool = False
+        self,
+        row: int,
+        *,
+        n_history: int | None = None,
+        template: int = 0,
+        hybrid: bool = False,
+        retrieved: bool = False,
     ) -> Prompt:
-        """The prompt of ``row`` with its ``n_history`` most recent history items (default: all kept)."""
-        history = self.histories[row]
+        """The prompt of ``row`` with the ``n_history`` most recent items of its view (default: all kept)."""
+        history, ratings = self.view(row, retrieved)
         keep = len(history) if n_history is None else n_history
         history = history[len(history) - keep :]
         history_titles = [self.titles[i] for i in history]
@@ -327,7 +360,7 @@ class PromptFactory:
                 history_ids=history.tolist(),
                 candidate_ids=candidates.tolist(),
             )
-        ratings = self.ratings[row]
+        assert ratings is not None
         return build_ctr_prompt(
             history_titles,
             self.titles[self.targets[row]],
@@ -371,15 +404,18 @@ def encode_fitted(
     templates: Sequence[int],
     hybrid: bool,
     max_tokens: int,
+    retrieved: Sequence[bool] | None = None,
 ) -> tuple[list[Prompt], EncodedBatch]:
     """Training inputs for ``rows`` with every sample (prompt + answer) within ``max_tokens``: a sample over the
-    budget drops its oldest history items, one at a time, until it fits."""
-    keep = [factory.n_history(r) for r in rows]
+    budget drops its oldest history items, one at a time, until it fits. ``retrieved[i]``: row i shows its
+    retrieved view (ReLLa) instead of its recent items."""
+    views = list(retrieved) if retrieved is not None else [False] * len(rows)
+    keep = [factory.n_history(r, v) for r, v in zip(rows, views, strict=True)]
     answers = [factory.answer(r) for r in rows]
     while True:
         prompts = [
-            factory.prompt(r, n_history=k, template=t, hybrid=hybrid)
-            for r, k, t in zip(rows, keep, templates, strict=True)
+            factory.prompt(r, n_history=k, template=t, hybrid=hybrid, retrieved=v)
+            for r, k, t, v in zip(rows, keep, templates, views, strict=True)
         ]
         batch = encoder.encode(prompts, answers)
         lengths = batch.attention_mask.sum(dim=1).tolist()
@@ -723,6 +759,7 @@ def evaluate_llm(
     seed: int,
     progress: bool = False,
     cond_source: CondSource | None = None,
+    retrieved: bool = False,
 ) -> dict[str, dict[str, Estimate]]:
     """Metrics per ranking mode (next-item) or ``{"ctr": ...}`` (AUC, LogLoss, Accuracy), on ``rows`` of the part.
 
@@ -756,7 +793,13 @@ def evaluate_llm(
         chunk_rows = [int(r) for r in chunk]
         templates = [EVAL_TEMPLATE_INDEX] * len(chunk_rows)
         prompts, _ = encode_fitted(
-            encoder, factory, chunk_rows, templates=templates, hybrid=hybrid, max_tokens=max_tokens
+            encoder,
+            factory,
+            chunk_rows,
+            templates=templates,
+            hybrid=hybrid,
+            max_tokens=max_tokens,
+            retrieved=[retrieved] * len(chunk_rows),
         )
         device = next(model.parameters()).device
         inputs = _prompt_inputs(encoder.encode(prompts).to(device), embedder)
@@ -887,6 +930,7 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
     backbone = load_backbone(llm.backbone, dtype=llm.dtype, device=accelerator.device)
     backbone.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     encoder = ItemTokenizer(backbone.tokenizer, model=backbone.model)
+    item_vectors = _retrieval_vectors(config, backbone, prepared, progress and main)
     item_table, cond_source = _collaborative_inputs(config, prepared, accelerator.device)
     projector = (
         ItemProjector(item_table.shape[1], backbone.hidden_size).to(accelerator.device)
@@ -896,6 +940,8 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
 
     started = time.time()
     train_factory = PromptFactory(prepared, "train", domain, tc.max_len)
+    if item_vectors is not None:
+        _set_retrieval(train_factory, item_vectors)
     subset = training_rows(prepared.parts["train"], data.protocol, llm.train_samples, data.split_seed)
     model: nn.Module = backbone.model
     adapted: nn.Module | None = None
@@ -939,6 +985,7 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
             n_boot=tc.n_boot,
             progress=progress,
             cond_source=cond_source,
+            item_vectors=item_vectors,
         )
         headline = "ctr" if data.protocol == "ctr" else llm.eval_modes[0]
         payload = {
@@ -995,6 +1042,32 @@ def _collaborative_inputs(
     return item_table, cond_source
 
 
+def _retrieval_vectors(
+    config: RunConfig, backbone: Any, prepared: Prepared, progress: bool
+) -> np.ndarray | None:
+    """SUBR's item vectors (the backbone's mean last hidden state of each title, PCA-reduced), computed with the
+    plain backbone before any adapter is attached and cached per dataset and backbone; None without retrieval."""
+    llm = config.llm or LLMConfig()
+    if llm.history == "recent":
+        return None
+    from recadapt.llm.retrieval import backbone_item_vectors
+
+    titles = _item_titles(prepared.items, prepared.n_items)
+    return backbone_item_vectors(
+        backbone, config.data.dataset, titles, dim=llm.retrieval_dim, progress=progress
+    )
+
+
+def _set_retrieval(factory: PromptFactory, item_vectors: np.ndarray) -> None:
+    """Each row's retrieved view: its train.max_len history items most similar to the target (time order)."""
+    from recadapt.llm.retrieval import retrieval_positions
+
+    positions = retrieval_positions(
+        factory.full_histories, factory.targets, item_vectors, factory.history_len
+    )
+    factory.set_retrieval(positions)
+
+
 def _evaluate_part(
     config: RunConfig,
     model: nn.Module,
@@ -1009,6 +1082,7 @@ def _evaluate_part(
     n_boot: int,
     progress: bool,
     cond_source: CondSource | None = None,
+    item_vectors: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, dict[str, Estimate]]]:
     """Rank (or score, for CTR) the evaluation rows of ``part`` with ``model``; returns the rows and the reports."""
     llm = config.llm or LLMConfig()
@@ -1019,6 +1093,8 @@ def _evaluate_part(
     )
     domain = resolve_domain(config.data.dataset, llm.domain)
     factory = PromptFactory(prepared, part, domain, config.train.max_len)
+    if item_vectors is not None:  # ReLLa evaluates on the retrieved view (recent, mixed: trained on both)
+        _set_retrieval(factory, item_vectors)
     rows = evaluation_rows(len(factory), llm.eval_samples, config.data.split_seed)
     reports = evaluate_llm(
         model,
@@ -1035,6 +1111,7 @@ def _evaluate_part(
         seed=config.train.seed,
         progress=progress,
         cond_source=cond_source,
+        retrieved=item_vectors is not None,
     )
     return rows, reports
 
@@ -1083,6 +1160,7 @@ def evaluate_llm_run(
     backbone = load_backbone(llm.backbone, dtype=llm.dtype, device=accelerator.device)
     encoder = ItemTokenizer(backbone.tokenizer, model=backbone.model)
     model: nn.Module = backbone.model
+    item_vectors = _retrieval_vectors(config, backbone, prepared, progress)
     item_table, cond_source = _collaborative_inputs(config, prepared, accelerator.device)
     projector = None
     if item_table is not None:
@@ -1106,6 +1184,7 @@ def evaluate_llm_run(
         n_boot=config.train.n_boot if n_boot is None else n_boot,
         progress=progress,
         cond_source=cond_source,
+        item_vectors=item_vectors,
     )
     return reports
 
@@ -1130,6 +1209,7 @@ def _train(
     from transformers import get_cosine_schedule_with_warmup
 
     from recadapt.adapters import AdaptedModel
+    from recadapt.llm.retrieval import mixed_view
 
     seed, run_dir = config.train.seed, config.run_dir
     ckpt_dir = run_dir / CHECKPOINT_DIR
@@ -1219,8 +1299,18 @@ def _train(
             hybrid = curriculum is not None and curriculum.use_hybrid(state.step, micro)
             rows = [int(subset[i]) for i in indices.tolist()]
             templates = [factory.template(r, seed=seed, epoch=state.epoch) for r in rows]
+            if llm.history == "mixed":  # ReiT: each sample draws the recent or the retrieved view per epoch
+                views = [mixed_view(r, seed, state.epoch) for r in rows]
+            else:
+                views = [llm.history == "retrieved"] * len(rows)
             _, batch = encode_fitted(
-                encoder, factory, rows, templates=templates, hybrid=hybrid, max_tokens=llm.max_prompt_tokens
+                encoder,
+                factory,
+                rows,
+                templates=templates,
+                hybrid=hybrid,
+                max_tokens=llm.max_prompt_tokens,
+                retrieved=views,
             )
             batch = batch.to(accelerator.device)
             with accelerator.accumulate(*([model] if projector is None else [model, projector])):
