@@ -12,9 +12,11 @@ Two measurements in the same process with the same torch thread count:
 2. Training tokens/s of the backbone with the LLM recipe's settings (:mod:`recadapt.train.llm`): the same PEFT
    ``LoraConfig`` (``LLMConfig`` defaults: r=8, alpha=32, dropout 0.1 on q,k,v,o,gate,up,down), AdamW over the LoRA
    weights, gradient clipping, forward + backward + optimizer step on random token batches of ``--batch`` x
-   ``--seq`` (no padding; every token is a label), under the precision the recipe picks (``select_precision``:
-   bf16 autocast only where the device runs bf16 natively, else fp32) or the one forced with ``--precision``.
-   One untimed warm-up step, then ``--steps`` timed steps.
+   ``--seq`` (no padding), under the precision the recipe picks (``select_precision``: bf16 autocast only where
+   the device runs bf16 natively, else fp32) or the one forced with ``--precision``. Two label layouts, run one
+   after the other on the same model: the recipe's (only the last ``--answer-tokens`` tokens are labels, and
+   ``answer_loss`` runs the vocabulary projection at those positions only) and plain LM training (every token a
+   label, the full projection and softmax). One untimed warm-up step each, then ``--steps`` timed steps.
 
 Model FLOP/s is counted as the issue asks: 6 x N x tokens/s, N = all parameters of the backbone (embeddings
 included; tied embeddings counted once, as the output projection's matmul). This is an upper bound on the work
@@ -42,8 +44,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from recadapt.llm import load_backbone
+from recadapt.llm.prompts import IGNORE_INDEX
 from recadapt.train.config import LLMConfig
-from recadapt.train.llm import select_precision, with_lora
+from recadapt.train.llm import answer_loss, select_precision, with_lora
 
 MATMUL_BUDGET_S = 10.0  # timed seconds per reference matmul after which repeats stop
 PRECISION_CHOICES = {"auto": "auto", "fp32": "no", "bf16": "bf16"}  # --precision -> llm.precision
@@ -92,8 +95,14 @@ def train_steps(
     autocast: AbstractContextManager[Any] | None,
     max_grad_norm: float,
     device: torch.device,
+    answer_tokens: int = 0,
 ) -> tuple[list[float], float]:
-    """Seconds of each of ``steps`` timed training steps (after one untimed warm-up) and the last loss."""
+    """Seconds of each of ``steps`` timed training steps (after one untimed warm-up) and the last loss.
+
+    ``answer_tokens`` 0: every position is a label (plain LM training, the model's own loss); N > 0: only the last
+    N tokens of each row are labels and the recipe's :func:`~recadapt.train.llm.answer_loss` runs the output
+    layer at those positions only, as recommendation training does (a short answer after a long prompt).
+    """
     generator = torch.Generator().manual_seed(0)
     seconds: list[float] = []
     loss_value = float("nan")
@@ -104,7 +113,12 @@ def train_steps(
         _sync(device)
         start = time.perf_counter()
         with autocast if autocast is not None else nullcontext():
-            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss
+            if answer_tokens:
+                labels = torch.full_like(input_ids, IGNORE_INDEX)
+                labels[:, -answer_tokens:] = input_ids[:, -answer_tokens:]
+                loss = answer_loss(model, labels, input_ids=input_ids, attention_mask=attention_mask)
+            else:
+                loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss
         loss.backward()
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
@@ -139,8 +153,14 @@ def main(argv: list[str] | None = None) -> None:
         help=f"timed repeats of each reference matmul (fewer once they take {MATMUL_BUDGET_S:.0f} s)",
     )
     parser.add_argument("--device", default=None, help="default: CUDA when available, else CPU")
+    parser.add_argument(
+        "--answer-tokens",
+        type=int,
+        default=8,
+        help="labelled tokens per row in the recipe's step (a next-item answer: a title and end of turn)",
+    )
     args = parser.parse_args(argv)
-    for name in ("batch", "seq", "steps", "matmul_size", "repeats"):
+    for name in ("batch", "seq", "steps", "matmul_size", "repeats", "answer_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.threads:
@@ -171,23 +191,26 @@ def main(argv: list[str] | None = None) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=llm.lr, weight_decay=llm.weight_decay)
     vocab_size = int(backbone.model.config.get_text_config().vocab_size)
-    seconds, loss = train_steps(
-        model,
-        optimizer,
-        trainable,
-        batch=args.batch,
-        seq=args.seq,
-        steps=args.steps,
-        vocab_size=vocab_size,
-        autocast=autocast,
-        max_grad_norm=llm.max_grad_norm,
-        device=device,
-    )
+    runs = {}
+    for name, answer_tokens in (
+        (f"recipe: loss on the last {args.answer_tokens} tokens", args.answer_tokens),
+        ("every position labelled", 0),
+    ):
+        runs[name] = train_steps(
+            model,
+            optimizer,
+            trainable,
+            batch=args.batch,
+            seq=args.seq,
+            steps=args.steps,
+            vocab_size=vocab_size,
+            autocast=autocast,
+            max_grad_norm=llm.max_grad_norm,
+            device=device,
+            answer_tokens=answer_tokens,
+        )
 
     tokens_per_step = args.batch * args.seq
-    tokens_per_second = tokens_per_step * len(seconds) / sum(seconds)
-    model_flops = 6.0 * n_params * tokens_per_second
-    lora_flops = 4.0 * n_params * tokens_per_second
     n_trainable = sum(p.numel() for p in trainable)
     label = "fp32" if autocast_dtype is None else f"{autocast_dtype} autocast"
     print(
@@ -205,20 +228,27 @@ def main(argv: list[str] | None = None) -> None:
         f"batch {args.batch} x seq {args.seq} = {tokens_per_step:,} tokens/step"
     )
     print(f"{'reference':<34}{'best TFLOP/s':>14}{'median TFLOP/s':>16}")
-    for dtype_label, (best, median, runs) in matmul.items():
-        name = f"matmul {args.matmul_size}x{args.matmul_size} {dtype_label} ({runs} run{'s' * (runs > 1)})"
+    for dtype_label, (best, median, repeats) in matmul.items():
+        name = (
+            f"matmul {args.matmul_size}x{args.matmul_size} {dtype_label} ({repeats} run{'s' * (repeats > 1)})"
+        )
         print(f"{name:<34}{best / 1e12:>14.4f}{median / 1e12:>16.4f}")
-    print(
-        f"train: {len(seconds)} timed steps (after 1 warm-up), seconds/step "
-        f"{' '.join(f'{s:.2f}' for s in seconds)}, last loss {loss:.3f}"
-    )
-    print(f"train tokens/s = {tokens_per_second:,.1f}")
-    print(
-        f"model TFLOP/s (6 x N x tokens/s) = {model_flops / 1e12:.4f} "
-        f"(LoRA's frozen weights need about 4 x N: {lora_flops / 1e12:.4f})"
-    )
-    print(f"ratio train/bf16-matmul = {model_flops / matmul['bf16'][0]:.2f}   (target >= 0.8)")
-    print(f"ratio train/fp32-matmul = {model_flops / matmul['fp32'][0]:.2f}")
+    for name, (seconds, loss) in runs.items():
+        tokens_per_second = tokens_per_step * len(seconds) / sum(seconds)
+        model_flops = 6.0 * n_params * tokens_per_second
+        print(
+            f"train, {name}: {len(seconds)} timed steps (after 1 warm-up), seconds/step "
+            f"{' '.join(f'{s:.2f}' for s in seconds)}, last loss {loss:.3f}"
+        )
+        print(f"  train tokens/s = {tokens_per_second:,.1f}")
+        print(
+            f"  model TFLOP/s (6 x N x tokens/s) = {model_flops / 1e12:.4f} "
+            f"(LoRA's frozen weights need about 4 x N: {4.0 * n_params * tokens_per_second / 1e12:.4f})"
+        )
+        print(f"  ratio train/bf16-matmul = {model_flops / matmul['bf16'][0]:.2f}   (target >= 0.8)")
+        print(f"  ratio train/fp32-matmul = {model_flops / matmul['fp32'][0]:.2f}")
+    (recipe, _), (full, _) = runs.values()
+    print(f"recipe / every-position tokens/s = {sum(full) / sum(recipe):.2f}")
 
 
 if __name__ == "__main__":

@@ -159,6 +159,28 @@ def test_eval_reloads_a_trained_run_and_reproduces_its_metrics(workdir: Path, ca
     assert "no trained adapter" in printed and "adapter_model.safetensors" in printed
 
 
+def test_answer_only_loss_equals_the_models_labels_loss(workdir: Path) -> None:
+    """The loss computed from the answer positions alone is the model's full ``labels`` loss, gradients too."""
+    from recadapt.llm.backbone import load_backbone
+    from recadapt.llm.prompts import ItemTokenizer, Prompt
+    from recadapt.train.llm import _forward_loss
+
+    backbone = load_backbone(str(workdir / "backbone"))
+    model = backbone.model.train()
+    encoder = ItemTokenizer(backbone.tokenizer, model=model)
+    prompts = [Prompt(text="a short prompt"), Prompt(text="a rather longer prompt than the first one")]
+    batch = encoder.encode(prompts, ["yes", "the answer"])
+    ours = _forward_loss(model, batch, None)
+    ours.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    reference = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+    reference.backward()
+    torch.testing.assert_close(ours, reference)
+    for ours_grad, p in zip(grads, (p for p in model.parameters() if p.grad is not None), strict=True):
+        torch.testing.assert_close(ours_grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_loss_decreases_on_a_repeated_tiny_batch(workdir: Path) -> None:
     extra = ["llm.train_samples=4", "llm.grad_accum=1", "llm.epochs=12", "llm.warmup_ratio=0", "llm.lr=3e-2"]
     assert main(_args(workdir, "tallrec", "repeat", *extra, "llm.eval_modes=[score]")) == 0
