@@ -180,7 +180,11 @@ def plot_rows(rows: list[dict[str, Any]], path: Path) -> None:
 
 def write_report(run_dirs: list[Path], out: Path, title: str = "Results") -> list[dict[str, Any]]:
     """Write ``out`` (Markdown), ``out.csv`` and ``out.png`` from finished runs."""
-    runs = load_runs(run_dirs)
+    return write_runs_report(load_runs(run_dirs), out, title)
+
+
+def write_runs_report(runs: list[dict[str, Any]], out: Path, title: str = "Results") -> list[dict[str, Any]]:
+    """:func:`write_report` from run payloads (``metrics.json`` dicts, e.g. re-evaluated on a subset)."""
     rows = summarize(runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     body = _markdown(rows, title) + "\n" + "\n".join(_budget(runs))
