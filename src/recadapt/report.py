@@ -145,7 +145,10 @@ def plot_rows(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = sorted({(r["dataset"], r["protocol"]) for r in rows})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
+    widths = [max(3.6, 0.5 * sum((r["dataset"], r["protocol"]) == t for r in rows)) for t in tasks]
+    fig, axes = plt.subplots(
+        1, len(tasks), figsize=(sum(widths), 3.8), squeeze=False, gridspec_kw={"width_ratios": widths}
+    )
     for ax, (dataset, protocol) in zip(axes[0], tasks, strict=False):
         members = [r for r in rows if (r["dataset"], r["protocol"]) == (dataset, protocol)]
         metric = REPORTED[protocol][0] if protocol != "full-ranking" else "NDCG@10"
