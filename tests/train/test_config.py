@@ -53,3 +53,18 @@ def test_shipped_configs_load():
     assert configs, "no configs shipped"
     for path in configs:
         load_config(path)
+
+
+def test_adapter_kinds_named_in_config_are_the_registry():
+    """train/config.py lists the adapter kinds without importing torch; they must be exactly the registry's."""
+    from recadapt.adapters import ADAPTERS
+    from recadapt.train.config import ADAPTER_KINDS
+
+    assert set(ADAPTER_KINDS) == set(ADAPTERS)
+
+
+def test_unknown_adapter_and_history_view_name_the_field():
+    root = Path(__file__).resolve().parents[2] / "configs"
+    for override, field in (("llm.adapter=dora", "llm.adapter"), ("llm.history=oldest", "llm.history")):
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            load_config(root / "ilora.yaml", [override])

@@ -174,7 +174,9 @@ def test_answer_only_loss_equals_the_models_labels_loss(workdir: Path) -> None:
     ours.backward()
     grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad()
-    reference = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+    reference = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+    ).loss
     reference.backward()
     torch.testing.assert_close(ours, reference)
     for ours_grad, p in zip(grads, (p for p in model.parameters() if p.grad is not None), strict=True):
