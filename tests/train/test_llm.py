@@ -536,3 +536,21 @@ def test_llm_config_errors_name_the_field(tmp_path: Path, workdir: Path) -> None
         train_llm(load_config(REPO / "configs" / "tallrec.yaml", ["train.epochs=3"]))
     with pytest.raises(ConfigError, match="llm.crm_run"):
         train_llm(load_config(REPO / "configs" / "llara.yaml", ["llm.crm_run=null"]))
+
+
+def test_fingerprint_ignores_fields_at_their_defaults() -> None:
+    """A field left at its default does not enter the checkpoint fingerprint (so adding fields keeps old runs
+    resumable), while any change that shapes training does."""
+    import dataclasses
+
+    from recadapt.train.llm import _fingerprint
+
+    config = load_config(REPO / "configs" / "tallrec.yaml")
+    llm = config.llm
+    assert llm is not None
+    base = _fingerprint(config, llm)
+    assert _fingerprint(config, dataclasses.replace(llm, adapter="lora", cond="crm")) == base  # the defaults
+    assert _fingerprint(config, dataclasses.replace(llm, lora_r=16)) != base
+    assert _fingerprint(config, dataclasses.replace(llm, adapter="moe-lora")) != base
+    assert _fingerprint(config, dataclasses.replace(llm, eval_modes=["score"])) == base  # evaluation only
+    assert _fingerprint(config, llm, every_field=True) != base  # the older rule, still accepted on resume

@@ -203,9 +203,19 @@ def _evaluation_settings(config: RunConfig, llm: LLMConfig) -> dict[str, Any]:
     }
 
 
-def _fingerprint(config: RunConfig, llm: LLMConfig) -> str:
-    """A hash of everything that shapes training, so a checkpoint is never resumed under another config."""
-    llm_fields = {k: v for k, v in dataclasses.asdict(llm).items() if k not in _EVAL_ONLY_FIELDS}
+def _fingerprint(config: RunConfig, llm: LLMConfig, *, every_field: bool = False) -> str:
+    """A hash of everything that shapes training, so a checkpoint is never resumed under another config.
+
+    Only ``llm`` fields that differ from their defaults enter it, so adding a field (with a default that keeps the
+    old behaviour) leaves existing runs resumable. ``every_field`` gives the rule of runs written before 2026-11-25
+    (all fields), still accepted for the runs made under it.
+    """
+    defaults = dataclasses.asdict(LLMConfig())
+    llm_fields = {
+        k: v
+        for k, v in dataclasses.asdict(llm).items()
+        if k not in _EVAL_ONLY_FIELDS and (every_field or v != defaults.get(k))
+    }
     data = config.data
     payload = {
         "model": config.model,
@@ -911,7 +921,10 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
         torch.set_num_threads(tc.num_threads)
 
     state = _read_state(ckpt_dir) if resume else None
-    if state is not None and state.fingerprint != fingerprint:
+    if state is not None and state.fingerprint not in (
+        fingerprint,
+        _fingerprint(config, llm, every_field=True),
+    ):
         raise ConfigError(
             ckpt_dir, None, "was written under a different training config; run with --restart to start over"
         )
@@ -1163,7 +1176,10 @@ def evaluate_llm_run(
         raise ConfigError(config_file, "model.name", f"{method!r} is not an LLM method")
     final = run_dir / FINAL_DIR
     if method != "zero-shot" and not _has_adapter(final):
-        raise FileNotFoundError(f"{run_dir} has no trained adapter (nothing in {final}); train it first")
+        raise FileNotFoundError(
+            f"{run_dir} has no trained adapter in {final} (expected {ADAPTER_FILE} or {PERSONAL_ADAPTER_DIR}/); "
+            "train it first"
+        )
     modes = list(modes or llm.eval_modes)
     if data.protocol == "ctr":
         modes = list(llm.eval_modes)  # CTR has one scoring rule; the modes do not apply
