@@ -77,6 +77,27 @@ def _log(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def _train_tiny_sasrec(workdir: Path, name: str, *overrides: str) -> Path:
+    """A one-epoch 16-d SASRec on the fixture (the CRM LLaRA, iLoRA, RecLoRA and ReLLaX read); its run dir."""
+    from recadapt.train.crm import train_crm
+
+    config = load_config(
+        REPO / "configs" / "sasrec.yaml",
+        [
+            f"data.dataset=recbole:{FIXTURE}",
+            f"data.prepared_dir={workdir / 'prepared'}",
+            f"output_dir={workdir / 'runs'}",
+            f"name={name}",
+            "model.hidden_size=16",
+            "train.epochs=1",
+            "train.n_boot=10",
+            *overrides,
+        ],
+    )
+    train_crm(config, progress=False)
+    return workdir / "runs" / name
+
+
 def test_tallrec_trains_and_writes_metrics_checkpoints_and_logs(workdir: Path, capsys) -> None:
     assert main(_args(workdir, "tallrec", "tallrec", "llm.eval_modes=[constrained,score,generate]")) == 0
     run_dir = workdir / "runs" / "tallrec"
@@ -238,21 +259,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(workdir: Path) -> None
 
 def test_llara_injects_projected_crm_embeddings(workdir: Path, monkeypatch, capsys) -> None:
     import recadapt.train.llm as llm_module
-    from recadapt.train.crm import train_crm
 
-    crm_config = load_config(
-        REPO / "configs" / "sasrec.yaml",
-        [
-            f"data.dataset=recbole:{FIXTURE}",
-            f"data.prepared_dir={workdir / 'prepared'}",
-            f"output_dir={workdir / 'runs'}",
-            "name=sasrec",
-            "model.hidden_size=16",
-            "train.epochs=1",
-            "train.n_boot=10",
-        ],
-    )
-    train_crm(crm_config, progress=False)
+    _train_tiny_sasrec(workdir, "sasrec")
 
     calls: list[tuple[bool, int, torch.Tensor]] = []
     embed = llm_module.embed_with_items
@@ -300,22 +308,7 @@ def test_ilora_trains_a_gated_moe_lora_and_reloads(workdir: Path, capsys) -> Non
     rate), and a reloaded run reproduces its metrics; the random-vector ablation runs through the same path."""
     from recadapt.adapters import MoELoRAConfig
 
-    crm_run = workdir / "runs" / "sasrec-ilora"
-    crm_config = load_config(
-        REPO / "configs" / "sasrec.yaml",
-        [
-            f"data.dataset=recbole:{FIXTURE}",
-            f"data.prepared_dir={workdir / 'prepared'}",
-            f"output_dir={workdir / 'runs'}",
-            "name=sasrec-ilora",
-            "model.hidden_size=16",
-            "train.epochs=1",
-            "train.n_boot=10",
-        ],
-    )
-    from recadapt.train.crm import train_crm
-
-    train_crm(crm_config, progress=False)
+    crm_run = _train_tiny_sasrec(workdir, "sasrec-ilora")
     options = ["llm.adapter_options={n_experts: 2, gate: mlp, gate_width: 8}", "llm.projector_lr=1e-2"]
     assert main(_args(workdir, "ilora", "ilora", f"llm.crm_run={crm_run}", *options)) == 0
     run_dir = workdir / "runs" / "ilora"
@@ -351,25 +344,10 @@ def test_ilora_trains_a_gated_moe_lora_and_reloads(workdir: Path, capsys) -> Non
 def test_reclora_mixes_meta_loras_per_user_on_ctr(workdir: Path, capsys) -> None:
     """RecLoRA under CTR: a CRM trained on all data conditions a bank of meta-LoRAs, the LLM trains on a few-shot
     set, the prompt keeps the short history while the CRM reads a longer one; a reloaded run reproduces it."""
-    from recadapt.train.crm import train_crm
 
-    crm_run = workdir / "runs" / "sasrec-ctr"
-    crm_config = load_config(
-        REPO / "configs" / "sasrec.yaml",
-        [
-            f"data.dataset=recbole:{FIXTURE}",
-            "data.protocol=ctr",
-            f"data.prepared_dir={workdir / 'prepared'}",
-            f"output_dir={workdir / 'runs'}",
-            "name=sasrec-ctr",
-            "model.hidden_size=16",
-            "model.max_len=20",
-            "train.max_len=20",
-            "train.epochs=1",
-            "train.n_boot=10",
-        ],
+    crm_run = _train_tiny_sasrec(
+        workdir, "sasrec-ctr", "data.protocol=ctr", "model.max_len=20", "train.max_len=20"
     )
-    train_crm(crm_config, progress=False)
     extra = [
         f"llm.crm_run={crm_run}",
         "llm.adapter_options={n_members: 3, gate_hidden: 8}",
@@ -393,7 +371,6 @@ def test_rella_and_rellax_retrieve_history_and_reload(workdir: Path, capsys, mon
     """ReLLa: training mixes recent and retrieved views (ReiT), evaluation shows the retrieved view, the item
     vectors are cached; ReLLaX adds soft prompts and CFLoRA on the CRM's user vectors. Both reload exactly."""
     import recadapt.train.llm as llm_module
-    from recadapt.train.crm import train_crm
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     views: list[tuple[str, list[bool]]] = []
@@ -419,20 +396,7 @@ def test_rella_and_rellax_retrieve_history_and_reload(workdir: Path, capsys, mon
     assert main(["eval", str(run_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ctr": metrics["test"]}
 
-    crm_config = load_config(
-        REPO / "configs" / "sasrec.yaml",
-        [
-            f"data.dataset=recbole:{FIXTURE}",
-            "data.protocol=ctr",
-            f"data.prepared_dir={workdir / 'prepared'}",
-            f"output_dir={workdir / 'runs'}",
-            "name=sasrec-ctr-rellax",
-            "model.hidden_size=16",
-            "train.epochs=1",
-            "train.n_boot=10",
-        ],
-    )
-    train_crm(crm_config, progress=False)
+    _train_tiny_sasrec(workdir, "sasrec-ctr-rellax", "data.protocol=ctr")
     crm = f"llm.crm_run={workdir / 'runs' / 'sasrec-ctr-rellax'}"
     assert (
         main(_args(workdir, "rellax", "rellax", *few_shot, "llm.retrieval_dim=8", crm, protocol="ctr")) == 0
