@@ -33,7 +33,9 @@ queue() {
         echo "configs/$model.yaml data.dataset=$dataset $CTR train.seed=$seed"
       done
     done
-    echo "configs/sasrec.yaml data.dataset=ml-100k $FULL train.seed=$seed"
+    for model in sasrec bert4rec; do
+      echo "configs/$model.yaml data.dataset=ml-100k $FULL train.seed=$seed"
+    done
   done
 }
 

@@ -41,7 +41,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from recadapt.train.config import LLM_METHODS, load_config
+    from recadapt.train.config import EMBEDDING_METHODS, LLM_METHODS, load_config
 
     overrides = list(args.overrides)
     for option, key in (
@@ -52,7 +52,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if getattr(args, option):
             overrides.append(f"{key}={getattr(args, option)}")
     config = load_config(args.config, overrides)
-    if config.model_name in LLM_METHODS:
+    if config.model_name in EMBEDDING_METHODS:
+        from recadapt.train.fullrank import train_fullrank
+
+        payload = train_fullrank(config, resume=not args.restart)
+        print(f"run {config.run_dir}: {payload['optimizer_steps']} optimizer steps, best {payload['best']}")
+    elif config.model_name in LLM_METHODS:
         from recadapt.train.llm import train_llm
 
         payload = train_llm(config, resume=not args.restart)
@@ -69,12 +74,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from recadapt.train.config import LLM_METHODS, load_config
+    from recadapt.train.config import EMBEDDING_METHODS, LLM_METHODS, load_config
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    if load_config(run_dir / "config.yaml").model_name in LLM_METHODS:
+    method = load_config(run_dir / "config.yaml").model_name
+    if method in EMBEDDING_METHODS:
+        from recadapt.train.fullrank import evaluate_fullrank_run
+
+        if args.mode:
+            raise ValueError(
+                "--mode applies to next-item LLM runs; a full-ranking run scores the whole catalogue"
+            )
+        reports = {
+            "": evaluate_fullrank_run(run_dir, part=args.part, n_boot=args.n_boot, samples=args.samples)
+        }
+    elif method in LLM_METHODS:
         from recadapt.train.llm import evaluate_llm_run
 
         if args.samples is not None:
@@ -93,6 +109,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         payload = {m: {k: v.to_dict() for k, v in r.items()} for m, r in reports.items()}
         print(json.dumps(payload[""] if list(payload) == [""] else payload))
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from recadapt.train.config import load_config
+    from recadapt.train.search import search
+
+    overrides = list(args.overrides)
+    for option, key in (("data_dir", "data.data_dir"), ("dataset", "data.dataset")):
+        if getattr(args, option):
+            overrides.append(f"{key}={getattr(args, option)}")
+    config = load_config(args.config, overrides)
+    result = search(config, args.trials, final=not args.no_final)
+    print(f"study {config.run_dir}: {len(result['trials'])} finished trials")
+    print(f"  best plan {result['best_plan']}  valid NDCG@10 {result['best_value']:.4f}")
+    if result["final"] is not None:
+        for name, est in result["final"]["test"].items():
+            print(f"  test {name:<10} {est['value']:.4f}  95% CI [{est['low']:.4f}, {est['high']:.4f}]")
     return 0
 
 
@@ -164,6 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_cmd_eval)
+
+    srch = sub.add_parser(
+        "search", help="DARec: choose layer-wise adapters with Optuna (resumable), then train the best plan"
+    )
+    srch.add_argument("--config", required=True)
+    srch.add_argument("--trials", type=int, required=True, help="finished trials the study should hold")
+    srch.add_argument("--data-dir", help="data root (default: $RECADAPT_DATA or ~/.cache/recadapt/data)")
+    srch.add_argument("--dataset", help="shorthand for data.dataset=...")
+    srch.add_argument("--no-final", action="store_true", help="stop after the trials (no full training)")
+    srch.add_argument("overrides", nargs="*", help="section.key=value")
+    srch.set_defaults(func=_cmd_search)
 
     rep = sub.add_parser("report", help="tabulate finished runs (mean +- std over seeds) with a plot")
     rep.add_argument("runs", nargs="+", help="run directories")

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from kill_at_step import KILLER
 from safetensors.torch import load_file
 from tiny_llm import byte_tokenizer, save_tiny_backbone
 
@@ -210,24 +211,6 @@ def test_loss_decreases_on_a_repeated_tiny_batch(workdir: Path) -> None:
     losses = [float(row["train/loss"]) for row in _log(workdir / "runs" / "repeat")]
     assert len(losses) == 12
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
-
-
-KILLER = """
-import os, signal, sys
-from recadapt.train.logger import RunLogger
-
-kill_at = int(os.environ["RECADAPT_TEST_KILL_AT_STEP"])
-log = RunLogger.log
-
-def log_then_die(self, step, values):
-    if step == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    log(self, step, values)
-
-RunLogger.log = log_then_die
-from recadapt.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(workdir: Path) -> None:

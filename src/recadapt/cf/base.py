@@ -144,6 +144,15 @@ class SequentialRecommender(nn.Module):
         """FloatTensor[B, d]: the user vector that conditions an LLM (default: sequence representation)."""
         return self.sequence_representation(batch)
 
+    def history_states(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Per-item states FloatTensor[B, N, d] of the history and BoolTensor[B, N] marking real positions.
+
+        Laser's M-Former cross-attends to these (its C_u). Default: the input embeddings of the most recent
+        ``max_len`` items; models with a sequence encoder return its per-position outputs instead.
+        """
+        history = self.fit_history(batch["history"], self.config.max_len)
+        return self.item_embedding(history), history != self.pad_id
+
     def item_embeddings(self) -> Tensor:
         """FloatTensor[n_items, d]: the output item table (padding row excluded)."""
         return self.item_embedding.weight[: self.n_items]

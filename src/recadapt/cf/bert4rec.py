@@ -93,6 +93,12 @@ class BERT4Rec(SequentialRecommender):
         mask_column = torch.full_like(history[:, :1], self.mask_id)
         return self.encode(torch.cat([history, mask_column], dim=1))[:, -1]
 
+    def history_states(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Outputs at the history items and at the appended ``[MASK]`` (so no row is empty)."""
+        history = self.fit_history(batch["history"], self.config.max_len - 1)
+        tokens = torch.cat([history, torch.full_like(history[:, :1], self.mask_id)], dim=1)
+        return self.encode(tokens), tokens != self.pad_id
+
     def loss(self, batch: Batch) -> Tensor:
         """Cloze loss on ``history + [target]``; the base BCE for CTR batches (which carry ``label``)."""
         if "label" in batch:

@@ -95,3 +95,7 @@ class SASRec(SequentialRecommender):
 
     def sequence_representation(self, batch: Batch) -> Tensor:
         return self.encode(batch["history"])[:, -1]
+
+    def history_states(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        history = self.fit_history(batch["history"], self.config.max_len)
+        return self.encode(history), history != self.pad_id

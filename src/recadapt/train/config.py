@@ -21,11 +21,13 @@ from recadapt.errors import ConfigError
 PROTOCOLS = ("next-item", "ctr", "full-ranking")
 # model.name values trained by recadapt.train.llm
 LLM_METHODS = ("zero-shot", "tallrec", "llara", "ilora", "reclora", "rella", "rellax")
+# full-ranking LLM recommenders with an embedding head (recadapt.train.fullrank); they read part of the llm section
+EMBEDDING_METHODS = ("laser", "darec")
 # prompts carry projected CRM item embeddings (LLaRA's hybrid items, with its curriculum; ReLLaX's soft prompts)
 HYBRID_METHODS = ("llara", "ilora", "rellax")
 HISTORY_VIEWS = ("recent", "retrieved", "mixed")
 # recadapt.adapters.ADAPTERS' kinds (not imported: it needs torch); "lora" trains through PEFT
-ADAPTER_KINDS = ("lora", "moe-lora", "personal-lora", "cf-lora")
+ADAPTER_KINDS = ("lora", "moe-lora", "personal-lora", "cf-lora", "bottleneck")
 COND_SOURCES = ("crm", "random")
 RANKING_MODES = ("generate", "constrained", "score")  # as recadapt.llm.ranking (not imported: it needs torch)
 PRECISIONS = ("auto", "bf16", "fp16", "no")
@@ -353,9 +355,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(
             source, "data.protocol", f"must be one of {PROTOCOLS}, got {config.data.protocol!r}"
         )
-    if config.llm is not None and config.model_name not in LLM_METHODS:
+    if config.llm is not None and config.model_name not in LLM_METHODS + EMBEDDING_METHODS:
         raise ConfigError(
-            source, "llm", f"applies to the LLM methods {LLM_METHODS} only, not model {config.model_name!r}"
+            source,
+            "llm",
+            f"applies to the LLM methods {LLM_METHODS + EMBEDDING_METHODS} only, not model {config.model_name!r}",
         )
     return config
 

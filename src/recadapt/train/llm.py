@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from recadapt.data.prepare import Prepared
 from recadapt.data.store import ensure_prepared
 from recadapt.errors import ConfigError, NonFiniteLossError
-from recadapt.io import atomic_directory, write_json_atomic, write_text_atomic
+from recadapt.io import atomic_directory, write_json_atomic
 from recadapt.llm.injection import CurriculumSchedule, ItemProjector, embed_with_items
 from recadapt.llm.prompts import (
     EVAL_TEMPLATE_INDEX,
@@ -65,7 +65,7 @@ from recadapt.train.config import (
     TrainConfig,
     save_config,
 )
-from recadapt.train.logger import RunLogger
+from recadapt.train.logger import RunLogger, truncate_log
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -299,7 +299,7 @@ class PromptFactory:
             raise ValueError(f"LLM prompts exist for next-item and ctr, not {self.protocol}")
         self.domain = load_templates(domain)
         self.frame = prepared.parts[part].reset_index(drop=True)
-        self.titles = _item_titles(prepared.items, prepared.n_items)
+        self.titles = item_titles(prepared.items, prepared.n_items)
         self.history_len = history_len
         self.n_templates = len(self.domain.next_item.templates)
         self.users = self.frame["user_id"].to_numpy(np.int64)
@@ -397,7 +397,7 @@ class PromptFactory:
         return pick_template_index(self.n_templates, seed=seed, sample_index=row, epoch=epoch)
 
 
-def _item_titles(items: pd.DataFrame, n_items: int) -> list[str]:
+def item_titles(items: pd.DataFrame, n_items: int) -> list[str]:
     """Titles indexed by item id; an item without one is called by its source id."""
     titles = [f"item {i}" for i in range(n_items)]
     raw = items["raw_id"] if "raw_id" in items else items["item_id"]
@@ -512,7 +512,9 @@ def answer_loss(model: nn.Module, labels: Tensor, **inputs: Any) -> Tensor:
     return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets)
 
 
-def _load_crm(crm_run: str, prepared: Prepared, dataset: str, device: torch.device) -> tuple[nn.Module, int]:
+def load_crm_run(
+    crm_run: str, prepared: Prepared, dataset: str, device: torch.device
+) -> tuple[nn.Module, int]:
     """The frozen best model of a CRM run trained on the same dataset, and the history length it trained with."""
     from recadapt.cf.checkpoint import load_crm
     from recadapt.train.config import load_config
@@ -746,16 +748,6 @@ def _load_checkpoint(
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     _set_rng_state(rng[accelerator.process_index])
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows written after the checkpoint a run resumes from, so the log continues without repeats."""
-    if not path.exists():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = lines[:1] + [line for line in lines[1:] if line.strip() and int(line.split(",", 1)[0]) <= step]
-    if len(kept) != len(lines):
-        write_text_atomic(path, "".join(kept))
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
@@ -1055,7 +1047,7 @@ def _collaborative_inputs(
     conditioned = llm.adapter not in ("lora",) and config.model_name != "zero-shot"
     crm, crm_len = (None, 0)
     if llm.crm_run and (hybrid or (conditioned and llm.cond == "crm")):
-        crm, crm_len = _load_crm(llm.crm_run, prepared, config.data.dataset, device)
+        crm, crm_len = load_crm_run(llm.crm_run, prepared, config.data.dataset, device)
     item_table = _load_item_table(crm) if hybrid and crm is not None else None
     cond_source = None
     if conditioned:
@@ -1083,7 +1075,7 @@ def _retrieval_vectors(
         return None
     from recadapt.llm.retrieval import backbone_item_vectors
 
-    titles = _item_titles(prepared.items, prepared.n_items)
+    titles = item_titles(prepared.items, prepared.n_items)
     return backbone_item_vectors(
         backbone, config.data.dataset, titles, dim=llm.retrieval_dim, progress=progress
     )
@@ -1297,7 +1289,7 @@ def _train(
             state.batch_in_epoch,
         )
     if accelerator.is_main_process:
-        _truncate_log(run_dir / "log.csv", state.step)
+        truncate_log(run_dir / "log.csv", state.step)
     logger = RunLogger(run_dir) if accelerator.is_main_process else None
 
     embedder = (

@@ -5,12 +5,25 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from recadapt.io import write_text_atomic
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log rows written after the checkpoint a run resumes from, so the log continues without repeats."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = lines[:1] + [line for line in lines[1:] if line.strip() and int(line.split(",", 1)[0]) <= step]
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(kept))
+
 
 class RunLogger:
-    """Appends one row per logged step to ``log.csv`` and mirrors scalars to TensorBoard (if installed)."""
+    """Appends one row per logged step to ``log.csv`` (or ``filename``; one file per set of columns, since a CSV
+    keeps the columns of its first row) and mirrors scalars to TensorBoard (if installed)."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / "log.csv"
+    def __init__(self, run_dir: Path, filename: str = "log.csv") -> None:
+        self.path = run_dir / filename
         self._fields: list[str] | None = None
         if self.path.exists():
             with self.path.open(encoding="utf-8") as handle:

@@ -1,0 +1,56 @@
+"""Each paper's full-ranking system assembled from parts, behind one contract (:mod:`recadapt.methods.base`).
+
+``METHODS`` maps ``model.name`` to a builder ``(run config, llm section, prepared split) -> (model, stages)``.
+The next-item and CTR methods (TALLRec, LLaRA, iLoRA, RecLoRA, ReLLa, ReLLaX) are configurations of
+:mod:`recadapt.train.llm` and need no class here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from recadapt.errors import ConfigError
+from recadapt.methods.base import FullRankingModel
+
+
+def method_config(cls: type, model: Mapping[str, Any]) -> Any:
+    """``cls`` (a dataclass) from the run's ``model`` section; unknown or invalid fields raise a ConfigError
+    naming ``model.<field>``."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(model) - known)
+    if unknown:
+        raise ConfigError(
+            "config", f"model.{unknown[0]}", f"unknown field; {model.get('name')} takes {sorted(known)}"
+        )
+    try:
+        return cls(**model)
+    except (TypeError, ValueError) as err:
+        raise ConfigError("config", "model", str(err)) from None
+
+
+def _laser(*args: Any, **kwargs: Any) -> Any:
+    from recadapt.methods.laser import build_laser
+
+    return build_laser(*args, **kwargs)
+
+
+def _darec(*args: Any, **kwargs: Any) -> Any:
+    from recadapt.methods.darec import build_darec
+
+    return build_darec(*args, **kwargs)
+
+
+METHODS: dict[str, Callable[..., tuple[FullRankingModel, list[Any]]]] = {"laser": _laser, "darec": _darec}
+
+
+def build_full_ranking(
+    config: Any, llm: Any, prepared: Any, progress: bool = False
+) -> tuple[FullRankingModel, list]:
+    """The model and training stages of ``config.model_name``."""
+    try:
+        builder = METHODS[config.model_name]
+    except KeyError:
+        raise ConfigError("config", "model.name", f"unknown method; known: {', '.join(METHODS)}") from None
+    return builder(config, llm, prepared, progress=progress)

@@ -1,0 +1,474 @@
+"""Training recipe of the full-ranking LLM recommenders (``laser``, ``darec``): one loop for every
+:class:`~recadapt.methods.base.FullRankingModel`.
+
+Samples are the prefixes of the leave-one-out training sequences (``llm.train_samples`` of them, a fixed random
+subset, when the budget is smaller than the data). Training runs in *stages*: Laser's stage 1 recomputes the item
+table with the LLM at every epoch and stage 2 trains against the frozen best table; DARec, whose item table is a
+cheap projection, has one stage and recomputes it at every step with gradients. After every epoch a fixed subset of
+validation users (``model.valid_samples``) is ranked over the whole catalogue; the best epoch's weights (and table)
+are kept in ``RUN_DIR/best`` and score the test part.
+
+Resumable: ``RUN_DIR/checkpoint`` is replaced atomically every ``llm.checkpoint_every`` optimizer steps and at the
+end of every epoch (trainable weights, optimizer, scheduler, RNG, data position and the current item table), and a
+run started again continues from it. The sample order of an epoch depends only on (seed, stage, epoch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from recadapt.data.batching import expand_prefixes
+from recadapt.data.prepare import Prepared
+from recadapt.data.protocols import list_offsets_values, to_list_array
+from recadapt.data.store import ensure_prepared
+from recadapt.errors import ConfigError, NonFiniteLossError
+from recadapt.io import atomic_directory, write_json_atomic
+from recadapt.methods.base import FullRankingModel
+from recadapt.tasks.evaluate import RANKING_KS, evaluation_rows
+from recadapt.tasks.metrics import Estimate, ranking_report, target_ranks
+from recadapt.train.config import EMBEDDING_METHODS, LLMConfig, RunConfig, save_config
+from recadapt.train.logger import RunLogger, truncate_log
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR, BEST_DIR = "checkpoint", "best"
+WEIGHTS, TABLE = "trainable.safetensors", "item_table.safetensors"
+_STREAM_SUBSET, _STREAM_ORDER = 21, 22
+# llm fields these methods read; the others must stay at their defaults (they would silently do nothing)
+LLM_FIELDS_USED = (
+    "backbone", "dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lr", "weight_decay",
+    "warmup_ratio", "max_grad_norm", "epochs", "batch_size", "grad_accum", "checkpoint_every", "log_every",
+    "train_samples", "crm_run", "eval_samples", "eval_batch_size",
+)  # fmt: skip
+
+
+@dataclass
+class Stage:
+    """``epochs`` epochs; ``refresh``: recompute an LLM-made item table at each epoch (else use the best one)."""
+
+    name: str
+    epochs: int
+    refresh: bool = True
+
+
+@dataclass
+class FullRankState:
+    """Where training stands; ``state.json`` of every checkpoint."""
+
+    stage: int = 0
+    epoch: int = 0  # within the stage
+    batch: int = 0  # micro-batches of that epoch consumed
+    step: int = 0  # optimizer steps in total
+    tokens: int = 0
+    best_metric: float = -math.inf
+    best_label: str = ""
+    finished: bool = False
+    fingerprint: str = ""
+
+
+# --- configuration ------------------------------------------------------------------------------------------------
+
+
+def check_config(config: RunConfig) -> LLMConfig:
+    """The llm section, after checking that the run asks only for what these methods do."""
+    if config.model_name not in EMBEDDING_METHODS:
+        raise ConfigError("config", "model.name", f"{config.model_name!r} is not one of {EMBEDDING_METHODS}")
+    if config.data.protocol != "full-ranking":
+        raise ConfigError(
+            "config", "data.protocol", f"{config.model_name} ranks the whole catalogue: use full-ranking"
+        )
+    llm = config.llm or LLMConfig()
+    defaults = LLMConfig()
+    for f in dataclasses.fields(LLMConfig):
+        if f.name not in LLM_FIELDS_USED and getattr(llm, f.name) != getattr(defaults, f.name):
+            raise ConfigError("config", f"llm.{f.name}", f"has no effect on {config.model_name} runs")
+    if not llm.crm_run:
+        raise ConfigError("config", "llm.crm_run", f"{config.model_name} needs a trained CRM run directory")
+    return llm
+
+
+def fingerprint(config: RunConfig) -> str:
+    """A hash of everything that shapes training (evaluation-only settings excluded)."""
+    llm = dataclasses.asdict(config.llm or LLMConfig())
+    for key in ("eval_samples", "eval_batch_size", "log_every", "checkpoint_every"):
+        llm.pop(key)
+    payload = {
+        "model": config.model,
+        "data": [config.data.dataset, config.data.protocol, config.data.split_seed],
+        "train": [config.train.seed, config.train.max_len],
+        "llm": llm,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+
+def history_arrays(histories: Any, max_len: int) -> list[np.ndarray]:
+    """Each history's ``max_len`` most recent items (oldest first) as int64 arrays."""
+    offsets, values = list_offsets_values(to_list_array(histories))
+    values = values.astype(np.int64, copy=False)
+    return [values[max(lo, hi - max_len) : hi] for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)]
+
+
+def training_samples(
+    prepared: Prepared, max_len: int, n: int, split_seed: int
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Every prefix of the training sequences with at least one history item (or a fixed random ``n`` of them)."""
+    train = prepared.parts["train"]
+    padded, targets = expand_prefixes(
+        train["history"], train["target"].to_numpy(), max_len, 1, pad_id=prepared.n_items
+    )
+    rows = np.arange(len(targets))
+    if 0 < n < len(rows):
+        rows = np.sort(
+            np.random.default_rng([split_seed, _STREAM_SUBSET]).choice(len(rows), n, replace=False)
+        )
+    histories = [row[row != prepared.n_items] for row in padded[rows]]
+    return histories, targets[rows]
+
+
+def mask_seen_items(scores: np.ndarray, part: pd.DataFrame) -> np.ndarray:
+    """Scores with every history item of a row set to -inf (its target excepted), as CRM full ranking does."""
+    offsets, items = list_offsets_values(to_list_array(part["history"]))
+    rows = np.repeat(np.arange(len(part)), np.diff(offsets))
+    items = items.astype(np.int64)
+    keep = items != part["target"].to_numpy()[rows]
+    scores[rows[keep], items[keep]] = -np.inf
+    return scores
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def rank_part(
+    model: FullRankingModel,
+    part: pd.DataFrame,
+    table: Tensor,
+    max_len: int,
+    batch_size: int,
+    n_boot: int,
+    *,
+    progress: bool = False,
+    desc: str = "ranking",
+) -> dict[str, Estimate]:
+    """HR@K, NDCG@K and MRR of ``part``'s users over the whole catalogue (seen items excluded)."""
+    model.eval()
+    histories = history_arrays(part["history"], max_len)
+    scores = []
+    for start in tqdm(range(0, len(part), batch_size), desc=desc, disable=not progress, leave=False):
+        users, _ = model.user_embeddings(histories[start : start + batch_size])
+        scores.append(model.logits(users, table).float().cpu().numpy())
+    matrix = mask_seen_items(np.concatenate(scores), part)
+    ranks = target_ranks(matrix, part["target"].to_numpy())
+    return ranking_report(ranks, part["user_id"].to_numpy(), ks=RANKING_KS["full-ranking"], n_boot=n_boot)
+
+
+def subset(part: pd.DataFrame, n: int, split_seed: int) -> pd.DataFrame:
+    return part.iloc[evaluation_rows(len(part), n, split_seed)].reset_index(drop=True)
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------------
+
+
+def _save_checkpoint(
+    path: Path, model, optimizer, scheduler, state: FullRankState, table: Tensor | None
+) -> None:
+    with atomic_directory(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()},
+                  str(tmp / WEIGHTS))  # fmt: skip
+        if table is not None:
+            save_file({"table": table.detach().cpu().contiguous()}, str(tmp / TABLE))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=1), encoding="utf-8")
+
+
+def _read_state(path: Path) -> FullRankState | None:
+    try:
+        return FullRankState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return None
+
+
+def load_trainable(model: FullRankingModel, folder: Path) -> Tensor | None:
+    """Load ``folder``'s trainable weights into ``model``; return its item table if it holds one."""
+    state = load_file(str(folder / WEIGHTS))
+    missing = set(model.trainable_state_dict()) - set(state)
+    if missing:
+        raise ConfigError(folder, WEIGHTS, f"lacks weights the model trains: {sorted(missing)[:3]}")
+    model.load_state_dict(state, strict=False)
+    return load_file(str(folder / TABLE))["table"] if (folder / TABLE).exists() else None
+
+
+def _save_best(path: Path, model: FullRankingModel, table: Tensor | None, report: dict[str, Any]) -> None:
+    with atomic_directory(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()},
+                  str(tmp / WEIGHTS))  # fmt: skip
+        if table is not None:
+            save_file({"table": table.detach().cpu().contiguous()}, str(tmp / TABLE))
+        (tmp / "valid.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+
+
+# --- the recipe ---------------------------------------------------------------------------------------------------
+
+
+def _lr_lambda(total: int, warmup_ratio: float):
+    warmup = int(total * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return factor
+
+
+def build_run(config: RunConfig, progress: bool = True) -> tuple[FullRankingModel, Prepared, list[Stage]]:
+    """The model (frozen parts loaded, trainable parts initialised from ``train.seed``), data and stages."""
+    from recadapt.methods import build_full_ranking
+
+    llm = check_config(config)
+    data = config.data
+    prepared = ensure_prepared(
+        data.dataset, data.protocol, data_root=data.data_dir, out_root=data.prepared_dir, seed=data.split_seed
+    )
+    torch.manual_seed(config.train.seed)
+    model, stages = build_full_ranking(config, llm, prepared, progress=progress)
+    return model, prepared, stages
+
+
+def train_fullrank(
+    config: RunConfig, resume: bool = True, progress: bool = True, evaluate_test: bool = True
+) -> dict[str, Any]:
+    """Train and test a Laser or DARec run; returns (and writes) ``metrics.json``'s payload.
+
+    ``evaluate_test=False`` (the adapter search's proxy runs) stops after model selection on validation.
+    """
+    llm = check_config(config)
+    tc = config.train
+    run_dir = config.run_dir
+    ckpt = run_dir / CHECKPOINT_DIR
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    print_fn = tqdm.write if progress else log.info
+    digest = fingerprint(config)
+    state = _read_state(ckpt) if resume else None
+    if state is not None and state.fingerprint != digest:
+        raise ConfigError(
+            ckpt, None, "was written under a different config; run with --restart to start over"
+        )
+    if state is not None and state.finished and (run_dir / "metrics.json").exists():
+        return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    if state is None:
+        for stale in (
+            run_dir / "metrics.json",
+            run_dir / "log.csv",
+            run_dir / "valid.csv",
+            run_dir / BEST_DIR,
+            ckpt,
+        ):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
+        state = FullRankState(fingerprint=digest)
+
+    model, prepared, stages = build_run(config, progress)
+    histories, targets = training_samples(prepared, tc.max_len, llm.train_samples, config.data.split_seed)
+    valid = subset(
+        prepared.parts["valid"], int(config.model.get("valid_samples", 200)), config.data.split_seed
+    )
+    per_epoch = math.ceil(len(targets) / llm.batch_size)
+    steps_per_epoch = math.ceil(per_epoch / llm.grad_accum)
+    total_steps = steps_per_epoch * sum(s.epochs for s in stages)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=llm.lr, weight_decay=llm.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, llm.warmup_ratio))
+    table: Tensor | None = None
+    if (ckpt / "state.json").exists():
+        table = load_trainable(model, ckpt)
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
+        truncate_log(run_dir / "log.csv", state.step)
+        truncate_log(run_dir / "valid.csv", state.step)
+        print_fn(
+            f"{config.run_name}: resuming at stage {state.stage} epoch {state.epoch} batch {state.batch}"
+        )
+    logger, valid_logger = RunLogger(run_dir), RunLogger(run_dir, "valid.csv")
+    started = time.time()
+    n_trainable = sum(p.numel() for p in params)
+    print_fn(
+        f"{config.run_name}: {len(targets)} training samples, {total_steps} optimizer steps, "
+        f"{n_trainable:,} trainable parameters"
+    )
+
+    window = {"loss": 0.0, "aux": 0.0, "batches": 0, "tokens": 0, "time": time.time()}
+    while state.stage < len(stages):
+        stage = stages[state.stage]
+        while state.epoch < stage.epochs:
+            label = f"{stage.name} epoch {state.epoch + 1}/{stage.epochs}"
+            if model.table_needs_llm and table is None:
+                if stage.refresh or not (run_dir / BEST_DIR / WEIGHTS).exists():
+                    model.eval()  # stage 1, or a stage 2 with no stage 1 before it: the current model's table
+                    table = model.item_table(progress=progress)
+                else:
+                    table = load_trainable(model, run_dir / BEST_DIR)
+            order = np.random.default_rng([tc.seed, _STREAM_ORDER, state.stage, state.epoch]).permutation(
+                len(targets)
+            )
+            model.train()
+            bar = tqdm(total=per_epoch, initial=state.batch, desc=label, disable=not progress, leave=False)
+            while state.batch < per_epoch:
+                rows = order[state.batch * llm.batch_size : (state.batch + 1) * llm.batch_size]
+                step_table = table if model.table_needs_llm else model.item_table()
+                loss, aux = model.loss(
+                    [histories[r] for r in rows], torch.from_numpy(targets[rows]), step_table
+                )
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"{config.run_name}: loss {loss.item()} at {label}, optimizer step {state.step}"
+                    )
+                (loss / llm.grad_accum).backward()
+                state.batch += 1
+                tokens = sum(len(histories[r]) for r in rows)
+                window["loss"] += loss.item()
+                window["aux"] += float(aux.detach())
+                window["batches"] += 1
+                window["tokens"] += tokens
+                state.tokens += tokens
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if state.batch % llm.grad_accum == 0 or state.batch == per_epoch:
+                    if llm.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, llm.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state.step += 1
+                    if state.step % llm.log_every == 0:
+                        elapsed = time.time() - window["time"]
+                        logger.log(
+                            state.step,
+                            {
+                                "train/loss": window["loss"] / window["batches"],
+                                "train/aux_loss": window["aux"] / window["batches"],
+                                "train/lr": scheduler.get_last_lr()[0],
+                                "train/history_items_per_s": window["tokens"] / max(elapsed, 1e-9),
+                            },
+                        )
+                        window = {"loss": 0.0, "aux": 0.0, "batches": 0, "tokens": 0, "time": time.time()}
+                    if state.step % llm.checkpoint_every == 0 and state.batch < per_epoch:
+                        _save_checkpoint(ckpt, model, optimizer, scheduler, state, table)
+            bar.close()
+            # end of epoch: the table of the updated model (also next epoch's), validation, best, checkpoint
+            if model.table_needs_llm and stage.refresh:
+                model.eval()
+                table = model.item_table(progress=progress)
+            with torch.no_grad():
+                eval_table = table if model.table_needs_llm else model.item_table()
+            report = rank_part(
+                model, valid, eval_table, tc.max_len, llm.eval_batch_size, 0, progress=progress, desc="valid"
+            )
+            metric = report["NDCG@10"].value
+            valid_logger.log(state.step, {f"valid/{k}": v.value for k, v in report.items()})
+            print_fn(
+                f"{config.run_name}: {label}: valid NDCG@10 {metric:.4f}, HR@10 {report['HR@10'].value:.4f}"
+            )
+            if metric > state.best_metric:
+                state.best_metric, state.best_label = metric, label
+                _save_best(run_dir / BEST_DIR, model, eval_table if model.table_needs_llm else None,
+                           {"label": label, **{k: v.to_dict() for k, v in report.items()}})  # fmt: skip
+            state.epoch, state.batch = state.epoch + 1, 0
+            _save_checkpoint(ckpt, model, optimizer, scheduler, state, table)
+        state.stage, state.epoch = state.stage + 1, 0
+        table = None  # the next stage starts from its own table (stage 2: the best one)
+    train_seconds = time.time() - started
+    logger.close()
+    valid_logger.close()
+
+    test, report = pd.DataFrame(), {}
+    if evaluate_test:
+        best_table = load_trainable(model, run_dir / BEST_DIR)
+        test = subset(prepared.parts["test"], llm.eval_samples, config.data.split_seed)
+        with torch.no_grad():
+            if best_table is None:
+                best_table = model.item_table()
+        report = rank_part(
+            model,
+            test,
+            best_table,
+            tc.max_len,
+            llm.eval_batch_size,
+            tc.n_boot,
+            progress=progress,
+            desc="test",
+        )
+    payload = {
+        "run": config.run_name,
+        "model": config.model_name,
+        "dataset": config.data.dataset,
+        "protocol": config.data.protocol,
+        "seed": tc.seed,
+        "split_seed": config.data.split_seed,
+        "backbone": llm.backbone,
+        "optimizer_steps": state.step,
+        "train_samples": len(targets),
+        "train_history_items": state.tokens,
+        "test_samples": len(test),
+        "valid_samples": len(valid),
+        "best": state.best_label,
+        "best_valid_NDCG@10": state.best_metric,
+        "train_seconds_this_process": round(train_seconds, 1),
+        "trainable_parameters": n_trainable,
+        "test": {k: v.to_dict() for k, v in report.items()},
+    }
+    write_json_atomic(run_dir / "metrics.json", payload)
+    state.finished = True
+    _save_checkpoint(ckpt, model, optimizer, scheduler, state, None)
+    return payload
+
+
+def evaluate_fullrank_run(run_dir: Path, part: str = "test", n_boot: int | None = None,
+                          samples: int | None = None) -> dict[str, Estimate]:  # fmt: skip
+    """Rank ``part`` with a finished run's best weights (and item table)."""
+    from recadapt.train.config import load_config
+
+    config = load_config(run_dir / "config.yaml")
+    llm = check_config(config)
+    model, prepared, _ = build_run(config, progress=False)
+    table = load_trainable(model, run_dir / BEST_DIR)
+    if table is None:
+        with torch.no_grad():
+            table = model.item_table()
+    rows = subset(
+        prepared.parts[part], llm.eval_samples if samples is None else samples, config.data.split_seed
+    )
+    boot = config.train.n_boot if n_boot is None else n_boot
+    return rank_part(model, rows, table, config.train.max_len, llm.eval_batch_size, boot)
+
+
+def histories_of(part: pd.DataFrame, max_len: int) -> Sequence[np.ndarray]:
+    return history_arrays(part["history"], max_len)
