@@ -1,5 +1,6 @@
-"""Personalized LoRA adapters behind one interface: ``lora``, ``moe-lora`` (iLoRA), ``personal-lora`` (RecLoRA)
-and ``cf-lora`` (ReLLaX's CFLoRA).
+"""Personalized LoRA adapters behind one interface: ``lora``, ``moe-lora`` (iLoRA), ``personal-lora`` (RecLoRA),
+``cf-lora`` (ReLLaX's CFLoRA) and ``bottleneck`` (a parallel bottleneck adapter); :func:`attach_layerwise` mixes
+kinds and ranks per decoder layer.
 
     model = attach_adapters(base_model, MoELoRAConfig(r=8, alpha=32, n_experts=4, cond_dim=64))
     optimizer = torch.optim.AdamW(model.param_groups(lr=5e-4))
@@ -12,12 +13,24 @@ per-instance conditioning is an explicit ``cond`` argument of every call, never 
 """
 
 from recadapt.adapters.base import AdapterConfig, AdapterLayer, ConditionedConfig, default_targets
+from recadapt.adapters.bottleneck import BottleneckConfig, BottleneckLayer
 from recadapt.adapters.cf_lora import CFLoRAConfig, CFLoRALayer, InteractionNet
+from recadapt.adapters.layerwise import (
+    LAYERWISE_PLAN,
+    LayerwiseAdaptedModel,
+    attach_layerwise,
+    decoder_layers,
+    load_layerwise,
+    read_layerwise_plan,
+    save_layerwise,
+)
 from recadapt.adapters.lora import LoRAConfig, LoRALayer
 from recadapt.adapters.model import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     AdaptedModel,
+    AdaptedModelBase,
+    AdapterGroup,
     attach_adapters,
     load_adapters,
     load_lora_weights,
@@ -33,13 +46,19 @@ __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "AdaptedModel",
+    "AdaptedModelBase",
     "AdapterConfig",
+    "AdapterGroup",
     "AdapterKind",
     "AdapterLayer",
+    "BottleneckConfig",
+    "BottleneckLayer",
     "CFLoRAConfig",
     "CFLoRALayer",
     "ConditionedConfig",
     "InteractionNet",
+    "LAYERWISE_PLAN",
+    "LayerwiseAdaptedModel",
     "LoRAConfig",
     "LoRALayer",
     "MoEGate",
@@ -50,11 +69,16 @@ __all__ = [
     "PersonalLoRALayer",
     "adapter_kind",
     "attach_adapters",
+    "attach_layerwise",
     "config_from_dict",
+    "decoder_layers",
     "default_targets",
     "load_adapters",
+    "load_layerwise",
     "load_lora_weights",
     "make_config",
     "read_adapter_config",
+    "read_layerwise_plan",
     "save_adapters",
+    "save_layerwise",
 ]

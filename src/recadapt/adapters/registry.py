@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from recadapt.adapters.base import AdapterConfig, AdapterLayer
+from recadapt.adapters.bottleneck import BottleneckConfig, BottleneckLayer
 from recadapt.adapters.cf_lora import CFLoRAConfig, CFLoRALayer, InteractionNet
 from recadapt.adapters.lora import LoRAConfig, LoRALayer, no_conditioner
 from recadapt.adapters.moe_lora import MoEGate, MoELoRAConfig, MoELoRALayer
@@ -30,6 +31,7 @@ ADAPTERS: dict[str, AdapterKind] = {
     MoELoRAConfig.kind: AdapterKind(MoELoRAConfig, MoELoRALayer, MoEGate),
     PersonalLoRAConfig.kind: AdapterKind(PersonalLoRAConfig, PersonalLoRALayer, PersonalGate),
     CFLoRAConfig.kind: AdapterKind(CFLoRAConfig, CFLoRALayer, InteractionNet),
+    BottleneckConfig.kind: AdapterKind(BottleneckConfig, BottleneckLayer, no_conditioner),
 }
 
 

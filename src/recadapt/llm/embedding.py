@@ -16,11 +16,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-INSTRUCTION = (
-    "Summarize the user's taste into a single token based on the browsing history. "
-    "In chronological order, the user has browsed:"
-)
-TAIL = "\nThe user's taste is"
+# Laser's template, shortened: every catalogue item is embedded through it, so its length multiplies the cost of
+# an item table (the paper's: "You are an intelligent recommendation assistant. Please summarize the user's
+# characteristics into a single token based on the browsing history. In chronological order, ...").
+INSTRUCTION = "Summarize the user's taste in one token. Browsed, oldest first:"
+TAIL = "\nTaste:"
 
 
 @dataclass
