@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +33,19 @@ def plan_hash(plan: str) -> str:
     return hashlib.sha256(plan.encode()).hexdigest()[:12]
 
 
-def suggest_plan(trial: Any, n_layers: int, kinds: list[str], ranks: list[int]) -> str:
-    """One entry per layer: ``none`` or ``<kind>:<rank>`` (the ``model.adapter_plan`` syntax)."""
-    entries = []
-    for layer in range(n_layers):
-        kind = trial.suggest_categorical(f"layer{layer:02d}.kind", kinds)
+def suggest_plan(trial: Any, n_layers: int, kinds: list[str], ranks: list[int], groups: int) -> str:
+    """One entry per layer, ``none`` or ``<kind>:<rank>`` (the ``model.adapter_plan`` syntax). The layers form
+    ``groups`` contiguous blocks that share one choice, which keeps the space small enough for a few trials
+    (one choice per layer of a 30-layer model is 30 categorical parameters)."""
+    groups = min(groups, n_layers)
+    choices = []
+    for group in range(groups):
+        kind = trial.suggest_categorical(f"group{group:02d}.kind", kinds)
         if kind == "none":
-            entries.append("none")
+            choices.append("none")
         else:
-            entries.append(f"{kind}:{trial.suggest_categorical(f'layer{layer:02d}.rank', ranks)}")
-    return ",".join(entries)
+            choices.append(f"{kind}:{trial.suggest_categorical(f'group{group:02d}.rank', ranks)}")
+    return ",".join(choices[layer * groups // n_layers] for layer in range(n_layers))
 
 
 def proxy_config(config: RunConfig, plan: str) -> RunConfig:
@@ -66,17 +70,21 @@ def open_study(config: RunConfig, *, heartbeat_s: int = 60) -> Any:
     """The run's Optuna study, created or loaded (``load_if_exists``), with a heartbeat that fails and retries
     trials whose process died."""
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     model = config.model
     url = str(model.get("search_storage") or f"sqlite:///{(config.run_dir / 'search.db').resolve()}")
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    storage = RDBStorage(
-        url,
-        heartbeat_interval=heartbeat_s,
-        grace_period=2 * heartbeat_s,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
-    )
+    with (
+        warnings.catch_warnings()
+    ):  # heartbeat_interval is flagged experimental; it is what resumes dead trials
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = RDBStorage(
+            url,
+            heartbeat_interval=heartbeat_s,
+            grace_period=2 * heartbeat_s,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
     name = str(model.get("search_sampler", "tpe"))
     if name not in SAMPLERS:
         raise ConfigError("config", "model.search_sampler", f"must be one of {SAMPLERS}, got {name!r}")
@@ -122,7 +130,9 @@ def search(
     study = open_study(config, heartbeat_s=heartbeat_s)
 
     def objective(trial: optuna.Trial) -> float:
-        plan = suggest_plan(trial, n_layers, list(options.search_kinds), list(options.search_ranks))
+        plan = suggest_plan(
+            trial, n_layers, list(options.search_kinds), list(options.search_ranks), options.search_groups
+        )
         trial.set_user_attr("plan", plan)
         payload = train_fullrank(proxy_config(config, plan), progress=progress, evaluate_test=False)
         return float(payload["best_valid_NDCG@10"])
@@ -135,6 +145,7 @@ def search(
         study.optimize(objective, n_trials=remaining, catch=())
     history = write_history(study, config.run_dir)
     best = study.best_trial
+    write_text_atomic(config.run_dir / "best_plan.txt", best.user_attrs["plan"] + "\n")
     result: dict[str, Any] = {
         "best_plan": best.user_attrs["plan"],
         "best_value": best.value,
