@@ -190,3 +190,91 @@ def test_config_errors_name_the_field(workdir: Path, override: str, field: str) 
         check_config(config)
         build_run(config, progress=False)
     assert err.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("run", "extra", "present", "absent"),
+    [
+        ("darec", [], ["injector.", "seq_token", "user_proj.", "item_proj.", "lora_A"], ["crm."]),
+        ("darec-mixed", ["model.adapter_plan=moe-lora:4,bottleneck:8"], ["conditioner", "lora_A"], []),
+        (
+            "darec-nocf",
+            ["model.cf_injection=false", "model.context_masking=false"],
+            ["seq_token"],
+            ["injector."],
+        ),
+        ("darec-frozen", ["model.adapter_plan=none"], ["injector."], ["lora_A"]),
+    ],
+)
+def test_darec_trains_with_its_parts_switched(
+    workdir: Path, run: str, extra: list[str], present: list[str], absent: list[str]
+) -> None:
+    assert main(_args(workdir, "darec", run, "llm.epochs=1", *extra)) == 0
+    metrics = _metrics(workdir / "runs" / run)
+    assert metrics["optimizer_steps"] == 4
+    assert 0 <= metrics["test"]["NDCG@10"]["value"] <= 1
+    keys = set(load_file(str(workdir / "runs" / run / "best" / "trainable.safetensors")))
+    for prefix in present:
+        assert any(prefix in k for k in keys), (prefix, sorted(keys)[:10])
+    for prefix in absent:
+        assert not any(prefix in k for k in keys), prefix
+
+
+def test_darec_plan_is_validated() -> None:
+    from recadapt.methods.darec import parse_plan
+
+    assert parse_plan("lora:8", 3) == [("lora", 8)] * 3
+    assert parse_plan("none, moe-lora:4", 2) == [None, ("moe-lora", 4)]
+    for bad in ("lora", "lora:0", "dora:8", ""):
+        with pytest.raises(ValueError, match="adapter_plan"):
+            parse_plan(bad, 2)
+    with pytest.raises(ValueError, match="3 entries"):
+        parse_plan("lora:4,none,lora:8", 2)
+
+
+def test_adapter_search_resumes_an_interrupted_study(workdir: Path) -> None:
+    import time
+
+    import optuna
+
+    from recadapt.train.search import open_study
+
+    overrides = _overrides(
+        workdir,
+        "darec",
+        "study",
+        "model.search_train_samples=8",  # 2 micro-batches -> 1 optimizer step per trial
+        "model.search_valid_samples=10",
+        "model.search_groups=2",
+        "model.search_heartbeat=1",
+    )
+    search = ["search", "--config", str(REPO / "configs" / "darec.yaml"), "--no-final"]
+    # the first trial's process dies mid-training: its trial stays RUNNING, with a heartbeat that stops
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RECADAPT_TEST_KILL_AT_STEP": "1"}
+    argv = [*search, "--trials", "2", *overrides]
+    killed = subprocess.run([sys.executable, "-c", KILLER, *argv], env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    config = load_config(REPO / "configs" / "darec.yaml", overrides)
+    (dead,) = open_study(config).trials
+    assert dead.state == optuna.trial.TrialState.RUNNING
+    time.sleep(2.5)  # past the grace period (2 heartbeats)
+
+    assert main(argv) == 0  # the dead trial is failed and retried with the same plan
+    trials = open_study(config).trials
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    complete = [(t.number, t.params, t.value) for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert dead.params and len(complete) == 2
+    assert any(params == dead.params for _, params, _ in complete), "the dead trial's plan was retried"
+    run_dir = workdir / "runs" / "study"
+    stamps = {d: (d / "metrics.json").stat().st_mtime_ns for d in (run_dir / "trials").iterdir()}
+
+    assert main([*search, "--trials", "3", *overrides]) == 0  # resumed: one more trial, earlier ones kept
+    trials = open_study(config).trials
+    again = [(t.number, t.params, t.value) for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert again[:2] == complete and len(again) == 3
+    for directory, stamp in stamps.items():  # earlier trials were not trained again
+        assert (directory / "metrics.json").stat().st_mtime_ns == stamp
+    history = (run_dir / "search_history.csv").read_text().splitlines()
+    assert len(history) == 4 and (run_dir / "search_history.png").exists()
+    best = max(again, key=lambda c: c[2])
+    assert (run_dir / "best_plan.txt").read_text().strip() == trials[best[0]].user_attrs["plan"]

@@ -73,6 +73,7 @@ class DARecConfig:
     search_sampler: str = "tpe"
     search_storage: str = ""  # empty: sqlite:///RUN_DIR/search.db
     search_study: str = ""  # empty: the run name
+    search_heartbeat: int = 60  # seconds; a trial silent for 2 heartbeats is failed and retried
 
     def __post_init__(self) -> None:
         for name in ("n_experts", "cf_items", "injector_hidden", "out_dim", "text_dim", "valid_samples"):

@@ -66,13 +66,14 @@ def proxy_config(config: RunConfig, plan: str) -> RunConfig:
     )
 
 
-def open_study(config: RunConfig, *, heartbeat_s: int = 60) -> Any:
+def open_study(config: RunConfig, *, heartbeat_s: int | None = None) -> Any:
     """The run's Optuna study, created or loaded (``load_if_exists``), with a heartbeat that fails and retries
     trials whose process died."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     model = config.model
+    heartbeat_s = heartbeat_s or int(model.get("search_heartbeat", 60))
     url = str(model.get("search_storage") or f"sqlite:///{(config.run_dir / 'search.db').resolve()}")
     config.run_dir.mkdir(parents=True, exist_ok=True)
     with (
@@ -109,7 +110,6 @@ def search(
     *,
     final: bool = True,
     progress: bool = True,
-    heartbeat_s: int = 60,
 ) -> dict[str, Any]:
     """Run the study until it holds ``trials`` finished trials, then (``final``) train the best plan fully.
 
@@ -127,7 +127,7 @@ def search(
     options = method_config(DARecConfig, config.model)
     n_layers = n_decoder_layers(llm.backbone)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(config, heartbeat_s=heartbeat_s)
+    study = open_study(config)
 
     def objective(trial: optuna.Trial) -> float:
         plan = suggest_plan(
