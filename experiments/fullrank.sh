@@ -6,7 +6,8 @@
 # are skipped and interrupted ones resume (the adapter search resumes its Optuna study).
 #
 # Budget (one process, 2 threads, fp32): prompts show the 10 most recent history items; 256 training samples
-# (a fixed random subset of the training prefixes); Laser 1 stage-1 epoch + 1 stage-2 epoch, DARec 2 epochs;
+# (a fixed random subset of the training prefixes) in optimizer steps of 4 at lr 1e-3; Laser 1 stage-1 epoch +
+# 1 stage-2 epoch, DARec 2 epochs;
 # 100 validation users for model selection; 200 test users (a fixed subset; the CRMs are scored on the same users
 # with `recadapt eval --samples 200`). The DARec search runs 6 trials of 128 samples x 1 epoch.
 set -euo pipefail
@@ -16,7 +17,7 @@ SEEDS=${2:-0}
 BIN=.venv/bin
 OUT=runs/fullrank
 mkdir -p "$OUT/logs"
-COMMON="output_dir=$OUT train.num_threads=2 train.max_len=10 llm.train_samples=256 llm.eval_samples=200
+COMMON="output_dir=$OUT train.num_threads=2 train.max_len=10 llm.train_samples=256 llm.eval_samples=200 llm.grad_accum=1 llm.lr=1e-3
         model.valid_samples=100"
 LASER="--config configs/laser.yaml --data-dir $DATA $COMMON model.stage1_epochs=1 model.stage2_epochs=1"
 DAREC="--config configs/darec.yaml --data-dir $DATA $COMMON llm.epochs=2"

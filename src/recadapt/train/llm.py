@@ -183,7 +183,9 @@ def _check_config(config: RunConfig, llm: LLMConfig) -> None:
     if llm.adapter != "lora":
         if method == "zero-shot":
             raise ConfigError("config", "llm.adapter", "zero-shot trains no adapter; leave it at lora")
-        if llm.cond == "crm" and not llm.crm_run:
+        from recadapt.adapters import adapter_kind
+
+        if adapter_kind(llm.adapter).config.needs_cond and llm.cond == "crm" and not llm.crm_run:
             raise ConfigError(
                 "config",
                 "llm.crm_run",
