@@ -397,6 +397,33 @@ def test_rella_and_rellax_retrieve_history_and_reload(workdir: Path, capsys, mon
     assert "llm.history" in capsys.readouterr().err
 
 
+def test_reit_both_trains_every_sample_in_both_views(workdir: Path, monkeypatch, tmp_path) -> None:
+    """ReLLa's ReiT as published: the training data is the recent-view set plus the retrieved-view set."""
+    import recadapt.train.llm as llm_module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    seen: list[tuple[int, bool]] = []
+    encode = llm_module.encode_fitted
+
+    def spy(encoder, factory, rows, *, retrieved=None, **kwargs):
+        if factory.part == "train":
+            seen.extend(zip(rows, retrieved or [], strict=True))
+        return encode(encoder, factory, rows, retrieved=retrieved, **kwargs)
+
+    monkeypatch.setattr(llm_module, "encode_fitted", spy)
+    extra = [
+        "llm.train_samples=8",
+        "llm.eval_samples=8",
+        "llm.epochs=1",
+        "train.max_len=3",
+        "llm.retrieval_dim=8",
+    ]
+    assert main(_args(workdir, "rella", "reit-both", *extra, "llm.history=both", protocol="ctr")) == 0
+    assert len(seen) == 16 and len(set(seen)) == 16, "each of the 8 samples once per view"
+    assert {row for row, _ in seen if _} == {row for row, _ in seen if not _}
+    assert _metrics(workdir / "runs" / "reit-both")["optimizer_steps"] == 2  # 16 entries / (4 x 2)
+
+
 def test_zero_shot_and_ctr(workdir: Path, capsys) -> None:
     assert main(_args(workdir, "zero-shot", "zero-shot", "llm.eval_modes=[score]")) == 0
     metrics = _metrics(workdir / "runs" / "zero-shot")

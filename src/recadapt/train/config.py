@@ -25,7 +25,7 @@ LLM_METHODS = ("zero-shot", "tallrec", "llara", "ilora", "reclora", "rella", "re
 EMBEDDING_METHODS = ("laser", "darec")
 # prompts carry projected CRM item embeddings (LLaRA's hybrid items, with its curriculum; ReLLaX's soft prompts)
 HYBRID_METHODS = ("llara", "ilora", "rellax")
-HISTORY_VIEWS = ("recent", "retrieved", "mixed")
+HISTORY_VIEWS = ("recent", "retrieved", "mixed", "both")
 # recadapt.adapters.ADAPTERS' kinds (not imported: it needs torch); "lora" trains through PEFT
 ADAPTER_KINDS = ("lora", "moe-lora", "personal-lora", "cf-lora", "bottleneck")
 COND_SOURCES = ("crm", "random")
@@ -103,8 +103,10 @@ class LLMConfig:
     cond: str = "crm"
     cond_history_len: int = 0  # history items the CRM reads for cond; 0: the CRM run's train.max_len
     # which train.max_len history items a prompt shows: the most recent, the retrieved ones (ReLLa's SUBR: the
-    # items whose backbone text embeddings are most cosine-similar to the target's), or mixed (ReiT: each training
-    # sample draws one of the two views per epoch; evaluation uses the retrieved view). ctr only.
+    # items whose backbone text embeddings are most cosine-similar to the target's), both (ReLLa's ReiT: every
+    # training sample appears twice per epoch, once in each view, doubling the data as the paper does) or mixed
+    # (ReiT at the compute of one view: each sample draws one of the two views per epoch). Evaluation uses the
+    # retrieved view unless recent. ctr only.
     history: str = "recent"
     retrieval_dim: int = 512  # PCA dimension of SUBR's item embeddings (the hidden size if smaller)
     # ranking modes for next-item evaluation (generate, constrained, score); the first gives metrics.json "test"

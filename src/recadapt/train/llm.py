@@ -1254,8 +1254,17 @@ def _train(
         )
     optimizer = torch.optim.AdamW(groups, lr=llm.lr, weight_decay=llm.weight_decay)
 
+    # training entries: one per sample, or (ReiT's "both") one per sample and view
+    if llm.history == "both":
+        entry_rows = np.concatenate([subset, subset])
+        entry_views = np.repeat([False, True], len(subset))
+    else:
+        entry_rows, entry_views = np.asarray(subset), np.full(len(subset), llm.history == "retrieved")
     # token lengths (text prompt, evaluation template, answer) order the samples for bucketing
-    texts = [factory.prompt(int(r)).text + " " + factory.answer(int(r)) for r in subset]
+    texts = [
+        factory.prompt(int(r), retrieved=bool(v)).text + " " + factory.answer(int(r))
+        for r, v in zip(entry_rows, entry_views, strict=True)
+    ]
     lengths = np.array([len(ids) for ids in encoder.tokenizer(texts, add_special_tokens=False)["input_ids"]])
 
     def loader_for(epoch: int) -> Any:
@@ -1263,7 +1272,7 @@ def _train(
             lengths, llm.batch_size, seed=seed, epoch=epoch, chunk_batches=llm.bucket_batches
         )
         loader = torch.utils.data.DataLoader(
-            range(len(subset)),
+            range(len(entry_rows)),
             batch_sampler=_PlannedBatches(plan, llm.batch_size),
             collate_fn=_collate_indices,
         )
@@ -1325,12 +1334,12 @@ def _train(
             if micro == 0:
                 torch.manual_seed(_step_seed(seed, state.step, accelerator.process_index))
             hybrid = curriculum is not None and curriculum.use_hybrid(state.step, micro)
-            rows = [int(subset[i]) for i in indices.tolist()]
+            rows = [int(entry_rows[i]) for i in indices.tolist()]
             templates = [factory.template(r, seed=seed, epoch=state.epoch) for r in rows]
             if llm.history == "mixed":  # ReiT: each sample draws the recent or the retrieved view per epoch
                 views = [mixed_view(r, seed, state.epoch) for r in rows]
             else:
-                views = [llm.history == "retrieved"] * len(rows)
+                views = [bool(entry_views[i]) for i in indices.tolist()]
             _, batch = encode_fitted(
                 encoder,
                 factory,
