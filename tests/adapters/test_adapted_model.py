@@ -297,3 +297,31 @@ def test_one_optimizer_step_reduces_a_toy_loss(kind: str) -> None:
     with torch.no_grad():
         after = loss()
     assert after < before.detach() - 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT
+def test_cf_lora_starts_from_a_peft_lora_folder(tmp_path) -> None:
+    """The LLM recipe saves ``lora`` runs in PEFT's format; CFLoRA with G = I then reproduces that LoRA."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    torch.manual_seed(3)
+    targets = list(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(
+        tiny_llama(VOCAB, hidden_size=HIDDEN), PeftLoraConfig(r=R, lora_alpha=8, target_modules=targets)
+    ).eval()
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if hasattr(module, "lora_B") and "default" in getattr(module, "lora_B", {}):
+                module.lora_B["default"].weight.normal_()
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    cf = adapted("cf-lora", randomize=False, alpha=8.0, g_init_std=0.0, target_modules=targets)
+    load_lora_weights(cf, tmp_path / "peft")
+    tokens, cond = ids(), cond_for("cf-lora")
+    with torch.no_grad():
+        assert_close(cf(input_ids=tokens, cond=cond).logits, peft_model(input_ids=tokens).logits)
+    wrong_rank = attach_adapters(
+        tiny_llama(VOCAB, hidden_size=HIDDEN), make_config("cf-lora", r=2 * R, alpha=8.0, cond_dim=D)
+    )
+    with pytest.raises(ValueError, match="r=4"):
+        load_lora_weights(wrong_rank, tmp_path / "peft")

@@ -392,6 +392,16 @@ def test_rella_and_rellax_retrieve_history_and_reload(workdir: Path, capsys, mon
     capsys.readouterr()
     assert main(["eval", str(run_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ctr": metrics["test"]}
+    # ReLLaX's recipe: CFLoRA's A and B start from the ReLLa run's (PEFT) LoRA and stay frozen
+    init = [f"llm.init_lora_from={workdir / 'runs' / 'rella'}", "llm.adapter_options={freeze_ab: true}"]
+    rellax_init = ["rellax", "rellax-init", *few_shot, "llm.retrieval_dim=8", crm, *init]
+    assert main(_args(workdir, *rellax_init, protocol="ctr")) == 0
+    ours = load_file(str(workdir / "runs" / "rellax-init" / "final" / "adapter" / "adapter.safetensors"))
+    peft = load_file(str(workdir / "runs" / "rella" / "final" / "adapter_model.safetensors"))
+    a_keys = [k for k in ours if k.endswith("lora_A")]
+    assert a_keys and len(a_keys) == len([k for k in peft if k.endswith("lora_A.weight")])
+    for key in a_keys:
+        assert torch.equal(ours[key], peft[f"base_model.model.{key}.weight"]), key
     # next-item has no target to retrieve against: a clear error naming the field
     assert main(_args(workdir, "rella", "rella-next", "llm.history=retrieved")) == 2
     assert "llm.history" in capsys.readouterr().err

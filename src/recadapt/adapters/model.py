@@ -340,7 +340,8 @@ def load_adapters(base_model: nn.Module, folder: str | Path) -> AdaptedModel:
 
 
 def load_lora_weights(model: AdaptedModel, source: AdaptedModel | str | Path) -> None:
-    """Copy a trained ``lora`` adapter's A and B (a model or a saved folder) into ``model``'s layers.
+    """Copy a trained ``lora`` adapter's A and B (a model, a folder of :func:`save_adapters` or a PEFT LoRA
+    folder, as the LLM recipe saves ``lora`` runs in ``final/``) into ``model``'s layers.
 
     ReLLaX starts CFLoRA from the ReLLa LoRA (then G = I reproduces it exactly, see :class:`InteractionNet`);
     ``moe-lora`` can start from one too (a uniform gate reproduces it). The target set, rank and alpha must
@@ -348,16 +349,19 @@ def load_lora_weights(model: AdaptedModel, source: AdaptedModel | str | Path) ->
     """
     if isinstance(source, AdaptedModel):
         source_config, state = source.adapter_config, source.adapter_state_dict()
+        kind, r, alpha = source_config.kind, source_config.r, source_config.alpha
+    elif _is_peft_folder(Path(source)):
+        kind, r, alpha, state = _read_peft_lora(Path(source))
     else:
         source_config = read_adapter_config(source)
         state = load_file(str(Path(source) / ADAPTER_WEIGHTS))
-    if source_config.kind != "lora":
-        raise ValueError(f"the source must be a 'lora' adapter, got {source_config.kind!r}")
+        kind, r, alpha = source_config.kind, source_config.r, source_config.alpha
+    if kind != "lora":
+        raise ValueError(f"the source must be a 'lora' adapter, got {kind!r}")
     config = model.adapter_config
-    if (source_config.r, source_config.alpha) != (config.r, config.alpha):
+    if (r, float(alpha)) != (config.r, float(config.alpha)):
         raise ValueError(
-            f"the LoRA has r={source_config.r}, alpha={source_config.alpha}; the model has r={config.r}, "
-            f"alpha={config.alpha}"
+            f"the LoRA has r={r}, alpha={alpha}; the model has r={config.r}, alpha={config.alpha}"
         )
     own = {
         f"{name}.{key}": layer.adapter_parameters()[key]
@@ -370,6 +374,32 @@ def load_lora_weights(model: AdaptedModel, source: AdaptedModel | str | Path) ->
             f"only in the model {sorted(set(own) - set(state))[:5]}"
         )
     _copy_same_shapes(own, state, "LoRA weight")
+
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+def _is_peft_folder(folder: Path) -> bool:
+    config = folder / ADAPTER_CONFIG
+    return config.is_file() and "peft_type" in json.loads(config.read_text(encoding="utf-8"))
+
+
+def _read_peft_lora(folder: Path) -> tuple[str, int, float, dict[str, Tensor]]:
+    """A LoRA saved by PEFT (``save_pretrained``; the LLM recipe's ``lora`` runs): (kind, r, alpha, state) with
+    the state keyed like :meth:`AdaptedModel.adapter_state_dict` (``<module>.lora_A`` / ``.lora_B``)."""
+    config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    if config.get("peft_type") != "LORA":
+        return str(config.get("peft_type")), 0, 0.0, {}
+    if config.get("use_dora") or config.get("use_rslora"):
+        raise ValueError(f"{folder}: DoRA / rsLoRA adapters scale differently; only plain LoRA can be copied")
+    state = {}
+    for key, tensor in load_file(str(folder / PEFT_WEIGHTS)).items():
+        for part in ("lora_A", "lora_B"):
+            suffix = f".{part}.weight"
+            if key.startswith(_PEFT_PREFIX) and key.endswith(suffix):
+                state[f"{key[len(_PEFT_PREFIX) : -len(suffix)]}.{part}"] = tensor
+    return "lora", int(config["r"]), float(config["lora_alpha"]), state
 
 
 def _copy_same_shapes(own: Mapping[str, Tensor], state: Mapping[str, Tensor], what: str) -> None:

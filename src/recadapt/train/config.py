@@ -102,6 +102,9 @@ class LLMConfig:
     # sequence representation), random = a fixed random vector per user (the ablation)
     cond: str = "crm"
     cond_history_len: int = 0  # history items the CRM reads for cond; 0: the CRM run's train.max_len
+    # cf-lora / moe-lora: start A and B from a trained lora run (its directory or its final/ folder), e.g. ReLLaX
+    # from ReLLa; with adapter_options.freeze_ab (cf-lora) only the interaction network then trains
+    init_lora_from: str | None = None
     # which train.max_len history items a prompt shows: the most recent, the retrieved ones (ReLLa's SUBR: the
     # items whose backbone text embeddings are most cosine-similar to the target's), both (ReLLa's ReiT: every
     # training sample appears twice per epoch, once in each view, doubling the data as the paper does) or mixed

@@ -180,6 +180,12 @@ def _check_config(config: RunConfig, llm: LLMConfig) -> None:
             "retrieval (SUBR) ranks history items by similarity to the target item, which only ctr gives; "
             "use llm.history=recent for next-item",
         )
+    if llm.init_lora_from and llm.adapter not in ("cf-lora", "moe-lora"):
+        raise ConfigError(
+            "config",
+            "llm.init_lora_from",
+            f"starts cf-lora or moe-lora from a trained LoRA, not {llm.adapter}",
+        )
     if llm.adapter != "lora":
         if method == "zero-shot":
             raise ConfigError("config", "llm.adapter", "zero-shot trains no adapter; leave it at lora")
@@ -612,9 +618,19 @@ def attach_adapter(backbone_model: nn.Module, llm: LLMConfig, cond_dim: int = 0)
     from recadapt.adapters import attach_adapters
 
     try:
-        return attach_adapters(backbone_model, _adapter_config(llm, cond_dim))
+        adapted = attach_adapters(backbone_model, _adapter_config(llm, cond_dim))
     except ValueError as err:  # e.g. a target module the backbone does not have
         raise ConfigError("config", "llm.lora_target_modules", str(err)) from err
+    if llm.init_lora_from:
+        from recadapt.adapters import load_lora_weights
+
+        source = Path(llm.init_lora_from).expanduser()
+        source = source / FINAL_DIR if (source / FINAL_DIR).is_dir() else source
+        try:
+            load_lora_weights(adapted, source)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError("config", "llm.init_lora_from", f"{source}: {err}") from err
+    return adapted
 
 
 def _inference_model(adapted: nn.Module) -> nn.Module:
