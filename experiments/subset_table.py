@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from recadapt.report import load_runs, write_runs_report
+from recadapt.train.config import load_config
 from recadapt.train.crm import evaluate_run
 
 
@@ -43,7 +44,17 @@ def main() -> None:
     n = samples.pop()
     runs = list(llm_runs)
     for run_dir in map(Path, args.crm):
-        payload = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        if (run_dir / "metrics.json").exists():
+            payload = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        else:  # stopped early (budget): its best epoch so far, labelled as such
+            config = load_config(run_dir / "config.yaml")
+            payload = {
+                "run": run_dir.name,
+                "model": f"{config.model_name} (unfinished)",
+                "dataset": config.data.dataset,
+                "protocol": config.data.protocol,
+                "seed": config.train.seed,
+            }
         report = evaluate_run(run_dir, samples=n)
         runs.append({**payload, "test_samples": n, "test": {k: v.to_dict() for k, v in report.items()}})
         headline = "AUC" if "AUC" in report else "NDCG@10"
