@@ -42,6 +42,11 @@ class FullRankingModel(nn.Module):
         ranking = F.cross_entropy(self.logits(users, table.to(users.dtype)).float(), targets.to(users.device))
         return ranking + auxiliary, auxiliary
 
+    def prompt_tokens(self, histories: Sequence[np.ndarray]) -> int:
+        """LLM input tokens of these histories' prompts (throughput logs and the budget table)."""
+        prompts = getattr(self, "prompts", None)
+        return sum(len(prompts.prompt(h)[0]) + 1 for h in histories) if prompts is not None else 0
+
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """Only the parameters that train (the frozen LLM and CRM are not saved with a run)."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}

@@ -76,7 +76,7 @@ class FullRankState:
     epoch: int = 0  # within the stage
     batch: int = 0  # micro-batches of that epoch consumed
     step: int = 0  # optimizer steps in total
-    tokens: int = 0
+    tokens: int = 0  # prompt tokens trained on
     best_metric: float = -math.inf
     best_label: str = ""
     finished: bool = False
@@ -353,7 +353,7 @@ def train_fullrank(
                     )
                 (loss / llm.grad_accum).backward()
                 state.batch += 1
-                tokens = sum(len(histories[r]) for r in rows)
+                tokens = model.prompt_tokens([histories[r] for r in rows])
                 window["loss"] += loss.item()
                 window["aux"] += float(aux.detach())
                 window["batches"] += 1
@@ -376,7 +376,7 @@ def train_fullrank(
                                 "train/loss": window["loss"] / window["batches"],
                                 "train/aux_loss": window["aux"] / window["batches"],
                                 "train/lr": scheduler.get_last_lr()[0],
-                                "train/history_items_per_s": window["tokens"] / max(elapsed, 1e-9),
+                                "train/tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
                             },
                         )
                         window = {"loss": 0.0, "aux": 0.0, "batches": 0, "tokens": 0, "time": time.time()}
@@ -436,7 +436,7 @@ def train_fullrank(
         "backbone": llm.backbone,
         "optimizer_steps": state.step,
         "train_samples": len(targets),
-        "train_history_items": state.tokens,
+        "train_tokens": state.tokens,  # prompt tokens (without Laser's prefix)
         "test_samples": len(test),
         "valid_samples": len(valid),
         "best": state.best_label,
