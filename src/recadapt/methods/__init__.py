@@ -30,6 +30,17 @@ def method_config(cls: type, model: Mapping[str, Any]) -> Any:
         raise ConfigError("config", "model", str(err)) from None
 
 
+def frozen_parts(config: Any, llm: Any, prepared: Any) -> tuple[Any, Any, list[str]]:
+    """What every full-ranking method starts from: the backbone (``llm.backbone``), the frozen CRM run
+    (``llm.crm_run``, trained on the same dataset) and the item titles indexed by item id."""
+    from recadapt.llm.backbone import load_backbone
+    from recadapt.train.llm import item_titles, load_crm_run
+
+    backbone = load_backbone(llm.backbone, dtype=llm.dtype)
+    crm, _ = load_crm_run(llm.crm_run, prepared, config.data.dataset, backbone.device)
+    return backbone, crm, item_titles(prepared.items, prepared.n_items)
+
+
 def _laser(*args: Any, **kwargs: Any) -> Any:
     from recadapt.methods.laser import build_laser
 

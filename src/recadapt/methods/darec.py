@@ -242,17 +242,13 @@ def build_darec(config, llm, prepared, progress: bool = False) -> tuple[DARec, l
     """DARec from a run config: backbone with the plan's adapters, the SASRec run ``llm.crm_run`` frozen."""
     from recadapt.adapters import attach_layerwise
     from recadapt.adapters.base import ConditionedConfig
-    from recadapt.llm.backbone import load_backbone
     from recadapt.llm.retrieval import backbone_item_vectors
-    from recadapt.methods import method_config
+    from recadapt.methods import frozen_parts, method_config
     from recadapt.methods.laser import suffix_initialisation
     from recadapt.train.fullrank import Stage
-    from recadapt.train.llm import item_titles, load_crm_run
 
     options = method_config(DARecConfig, config.model)
-    backbone = load_backbone(llm.backbone, dtype=llm.dtype)
-    crm, _ = load_crm_run(llm.crm_run, prepared, config.data.dataset, backbone.device)
-    titles = item_titles(prepared.items, prepared.n_items)
+    backbone, crm, titles = frozen_parts(config, llm, prepared)
     item_text = backbone_item_vectors(
         backbone, config.data.dataset, titles, dim=options.text_dim, progress=progress
     )  # computed before any adapter is attached: the frozen backbone's view of each title

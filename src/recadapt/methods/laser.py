@@ -158,15 +158,11 @@ def suffix_initialisation(llm: nn.Module, tokenizer) -> Tensor:
 
 def build_laser(config, llm, prepared, progress: bool = False) -> tuple[Laser, list]:
     """Laser from a run config: the backbone and the CRM run (``llm.crm_run``, BERT4Rec by default) frozen."""
-    from recadapt.llm.backbone import load_backbone
-    from recadapt.methods import method_config
+    from recadapt.methods import frozen_parts, method_config
     from recadapt.train.fullrank import Stage
-    from recadapt.train.llm import item_titles, load_crm_run
 
     options = method_config(LaserConfig, config.model)
-    backbone = load_backbone(llm.backbone, dtype=llm.dtype)
-    crm, _ = load_crm_run(llm.crm_run, prepared, config.data.dataset, backbone.device)
-    titles = item_titles(prepared.items, prepared.n_items)
+    backbone, crm, titles = frozen_parts(config, llm, prepared)
     prompts = HistoryPromptBuilder(
         backbone.tokenizer, titles, instruction=options.instruction, tail=options.tail
     )

@@ -22,7 +22,6 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -468,7 +467,3 @@ def evaluate_fullrank_run(run_dir: Path, part: str = "test", n_boot: int | None 
     )
     boot = config.train.n_boot if n_boot is None else n_boot
     return rank_part(model, rows, table, config.train.max_len, llm.eval_batch_size, boot)
-
-
-def histories_of(part: pd.DataFrame, max_len: int) -> Sequence[np.ndarray]:
-    return history_arrays(part["history"], max_len)
