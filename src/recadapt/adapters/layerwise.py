@@ -14,7 +14,6 @@ forward pre-hooks as :class:`~recadapt.adapters.AdaptedModel`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from recadapt.adapters.model import (
     _make_conditioner,
     _replace_targets,
     _target_names,
+    read_versioned_json,
 )
 from recadapt.adapters.registry import config_from_dict
 from recadapt.io import atomic_directory, write_json_atomic
@@ -169,14 +169,7 @@ def save_layerwise(model: LayerwiseAdaptedModel, folder: str | Path) -> Path:
 
 def read_layerwise_plan(folder: str | Path) -> dict[int, AdapterConfig | None]:
     """The typed plan saved in ``folder`` by :func:`save_layerwise`."""
-    path = Path(folder) / LAYERWISE_PLAN
-    if not path.is_file():
-        raise FileNotFoundError(f"no {LAYERWISE_PLAN} in {folder}: not a folder written by save_layerwise")
-    payload = json.loads(path.read_text(encoding="utf-8"))
-    if payload.get("format_version") != PLAN_FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format_version {payload.get('format_version')!r}, expected {PLAN_FORMAT_VERSION}"
-        )
+    payload = read_versioned_json(Path(folder) / LAYERWISE_PLAN, PLAN_FORMAT_VERSION, "save_layerwise")
     return {
         int(index): (config_from_dict(config) if config is not None else None)
         for index, config in payload["plan"].items()

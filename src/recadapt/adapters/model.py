@@ -317,16 +317,19 @@ def save_adapters(model: AdaptedModel, folder: str | Path) -> Path:
     return folder
 
 
+def read_versioned_json(path: Path, version: int, writer: str) -> dict[str, Any]:
+    """A JSON file written by ``writer`` with ``format_version`` == ``version``; clear errors otherwise."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} in {path.parent}: not a folder written by {writer}")
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    if payload.get("format_version") != version:
+        raise ValueError(f"{path}: format_version {payload.get('format_version')!r}, expected {version}")
+    return payload
+
+
 def read_adapter_config(folder: str | Path) -> AdapterConfig:
     """The typed config saved in ``folder`` by :func:`save_adapters`."""
-    path = Path(folder) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {folder}: not a folder written by save_adapters")
-    payload = json.loads(path.read_text(encoding="utf-8"))
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format_version {payload.get('format_version')!r}, expected {FORMAT_VERSION}"
-        )
+    payload = read_versioned_json(Path(folder) / ADAPTER_CONFIG, FORMAT_VERSION, "save_adapters")
     return config_from_dict({"kind": payload["kind"], **payload["config"]})
 
 
