@@ -434,6 +434,41 @@ def test_reit_both_trains_every_sample_in_both_views(workdir: Path, monkeypatch,
     assert _metrics(workdir / "runs" / "reit-both")["optimizer_steps"] == 2  # 16 entries / (4 x 2)
 
 
+@pytest.mark.parametrize(
+    ("method", "protocol"), [("ilora", "ctr"), ("reclora", "next-item"), ("rellax", "next-item")]
+)
+def test_personalized_methods_run_under_the_protocol_their_paper_did_not_use(
+    workdir: Path, capsys, method: str, protocol: str
+) -> None:
+    """iLoRA on CTR, RecLoRA and ReLLaX on next-item (beyond the papers, what users compare): each trains with
+    its conditioned adapter on a CRM of that protocol, and a reloaded run reproduces its metrics."""
+    crm_run = _train_tiny_sasrec(workdir, f"sasrec-{method}-{protocol}", f"data.protocol={protocol}")
+    extra = [
+        f"llm.crm_run={crm_run}",
+        "llm.train_samples=8",
+        "llm.eval_samples=12",
+        "llm.epochs=1",
+        "llm.checkpoint_every=50",
+        "llm.eval_modes=[score]",
+        "train.max_len=3",
+    ]
+    if method == "rellax":
+        extra.append("llm.history=recent")  # next-item has no target to retrieve against
+    run = f"{method}-{protocol}"
+    assert main(_args(workdir, method, run, *extra, protocol=protocol)) == 0
+    metrics = _metrics(workdir / "runs" / run)
+    assert metrics["model"] == method and metrics["protocol"] == protocol and metrics["optimizer_steps"] == 1
+    expected = {"ilora": "moe-lora", "reclora": "personal-lora", "rellax": "cf-lora"}[method]
+    saved = json.loads((workdir / "runs" / run / "final" / "adapter" / "adapter_config.json").read_text())
+    assert saved["kind"] == expected and saved["config"]["cond_dim"] == 16
+    capsys.readouterr()
+    assert main(["eval", str(workdir / "runs" / run), "--json"]) == 0
+    reloaded = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert reloaded == (
+        {"ctr": metrics["test"]} if protocol == "ctr" else {"score": metrics["test_by_mode"]["score"]}
+    )
+
+
 def test_zero_shot_and_ctr(workdir: Path, capsys) -> None:
     assert main(_args(workdir, "zero-shot", "zero-shot", "llm.eval_modes=[score]")) == 0
     metrics = _metrics(workdir / "runs" / "zero-shot")
@@ -524,17 +559,39 @@ def test_llm_config_errors_name_the_field(tmp_path: Path, workdir: Path) -> None
 
 def test_fingerprint_ignores_fields_at_their_defaults() -> None:
     """A field left at its default does not enter the checkpoint fingerprint (so adding fields keeps old runs
-    resumable), while any change that shapes training does."""
+    resumable), while any change that shapes training does; the older every-field rule is still accepted, with
+    and without the fields added since."""
     import dataclasses
 
-    from recadapt.train.llm import _fingerprint
+    from recadapt.train.config import run_fingerprints
+    from recadapt.train.llm import _EVAL_ONLY_FIELDS
 
     config = load_config(REPO / "configs" / "tallrec.yaml")
     llm = config.llm
     assert llm is not None
-    base = _fingerprint(config, llm)
-    assert _fingerprint(config, dataclasses.replace(llm, adapter="lora", cond="crm")) == base  # the defaults
-    assert _fingerprint(config, dataclasses.replace(llm, lora_r=16)) != base
-    assert _fingerprint(config, dataclasses.replace(llm, adapter="moe-lora")) != base
-    assert _fingerprint(config, dataclasses.replace(llm, eval_modes=["score"])) == base  # evaluation only
-    assert _fingerprint(config, llm, every_field=True) != base  # the older rule, still accepted on resume
+
+    def current(llm_config) -> str:
+        return run_fingerprints(config, llm_config, ignore=_EVAL_ONLY_FIELDS)[0]
+
+    base = current(llm)
+    assert current(dataclasses.replace(llm, adapter="lora", cond="crm")) == base  # the defaults
+    assert current(dataclasses.replace(llm, lora_r=16)) != base
+    assert current(dataclasses.replace(llm, adapter="moe-lora")) != base
+    assert current(dataclasses.replace(llm, eval_modes=["score"])) == base  # evaluation only
+    _, every_field, before_additions = run_fingerprints(config, llm, ignore=_EVAL_ONLY_FIELDS)
+    assert len({base, every_field, before_additions}) == 3
+    # a checkpoint hashed by the older rule before llm.init_lora_from existed
+    older = dataclasses.asdict(llm)
+    del older["init_lora_from"]
+    for name in _EVAL_ONLY_FIELDS:
+        del older[name]
+    payload = {
+        "model": config.model,
+        "data": [config.data.dataset, config.data.protocol, config.data.split_seed],
+        "train": [config.train.seed, config.train.max_len],
+        "llm": older,
+    }
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert digest == before_additions

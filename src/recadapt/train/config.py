@@ -374,3 +374,36 @@ def save_config(config: RunConfig, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
     tmp.replace(path)
+
+
+# llm fields added after the first checkpoints were written; the old every-field rule left them out
+_LLM_FIELDS_ADDED_LATER = ("init_lora_from",)
+
+
+def run_fingerprints(config: RunConfig, llm: LLMConfig, *, ignore: tuple[str, ...]) -> tuple[str, ...]:
+    """Hashes of everything that shapes an LLM run's training, so a checkpoint is never resumed under another config.
+
+    The first is the current rule: only ``llm`` fields away from their defaults enter it, so adding a field
+    (with a default that keeps the old behaviour) leaves existing runs resumable. The others are the older
+    every-field rule, with and without the fields added since; checkpoints written under it are still accepted.
+    ``ignore`` names the evaluation-only fields, which never enter.
+    """
+    import hashlib
+    import json
+
+    defaults = dataclasses.asdict(LLMConfig())
+    values = {k: v for k, v in dataclasses.asdict(llm).items() if k not in ignore}
+    changed = {k: v for k, v in values.items() if v != defaults.get(k)}
+    older = {k: v for k, v in values.items() if k not in _LLM_FIELDS_ADDED_LATER or k in changed}
+
+    def digest(llm_fields: dict[str, Any]) -> str:
+        data = config.data
+        payload = {
+            "model": config.model,
+            "data": [data.dataset, data.protocol, data.split_seed],
+            "train": [config.train.seed, config.train.max_len],
+            "llm": llm_fields,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    return digest(changed), digest(values), digest(older)

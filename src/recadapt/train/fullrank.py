@@ -16,7 +16,6 @@ run started again continues from it. The sample order of an epoch depends only o
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -42,7 +41,7 @@ from recadapt.io import atomic_directory, write_json_atomic
 from recadapt.methods.base import FullRankingModel
 from recadapt.tasks.evaluate import RANKING_KS, evaluation_rows
 from recadapt.tasks.metrics import Estimate, ranking_report, target_ranks
-from recadapt.train.config import EMBEDDING_METHODS, LLMConfig, RunConfig, save_config
+from recadapt.train.config import EMBEDDING_METHODS, LLMConfig, RunConfig, run_fingerprints, save_config
 from recadapt.train.logger import RunLogger, truncate_log
 
 log = logging.getLogger(__name__)
@@ -56,6 +55,8 @@ LLM_FIELDS_USED = (
     "warmup_ratio", "max_grad_norm", "epochs", "batch_size", "grad_accum", "checkpoint_every", "log_every",
     "train_samples", "crm_run", "eval_samples", "eval_batch_size",
 )  # fmt: skip
+# llm fields that change evaluation or logging only: they never enter the checkpoint fingerprint
+EVAL_ONLY_FIELDS = ("eval_samples", "eval_batch_size", "log_every", "checkpoint_every")
 
 
 @dataclass
@@ -101,20 +102,6 @@ def check_config(config: RunConfig) -> LLMConfig:
     if not llm.crm_run:
         raise ConfigError("config", "llm.crm_run", f"{config.model_name} needs a trained CRM run directory")
     return llm
-
-
-def fingerprint(config: RunConfig) -> str:
-    """A hash of everything that shapes training (evaluation-only settings excluded)."""
-    llm = dataclasses.asdict(config.llm or LLMConfig())
-    for key in ("eval_samples", "eval_batch_size", "log_every", "checkpoint_every"):
-        llm.pop(key)
-    payload = {
-        "model": config.model,
-        "data": [config.data.dataset, config.data.protocol, config.data.split_seed],
-        "train": [config.train.seed, config.train.max_len],
-        "llm": llm,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -272,9 +259,10 @@ def train_fullrank(
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     print_fn = tqdm.write if progress else log.info
-    digest = fingerprint(config)
+    fingerprints = run_fingerprints(config, llm, ignore=EVAL_ONLY_FIELDS)
+    digest = fingerprints[0]
     state = _read_state(ckpt) if resume else None
-    if state is not None and state.fingerprint != digest:
+    if state is not None and state.fingerprint not in fingerprints:
         raise ConfigError(
             ckpt, None, "was written under a different config; run with --restart to start over"
         )

@@ -20,7 +20,6 @@ drew whatever ran in between. After training, the test part is ranked with the c
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -63,6 +62,7 @@ from recadapt.train.config import (
     LLMConfig,
     RunConfig,
     TrainConfig,
+    run_fingerprints,
     save_config,
 )
 from recadapt.train.logger import RunLogger, truncate_log
@@ -209,29 +209,6 @@ def _evaluation_settings(config: RunConfig, llm: LLMConfig) -> dict[str, Any]:
         "max_new_tokens": llm.max_new_tokens,
         "n_boot": config.train.n_boot,
     }
-
-
-def _fingerprint(config: RunConfig, llm: LLMConfig, *, every_field: bool = False) -> str:
-    """A hash of everything that shapes training, so a checkpoint is never resumed under another config.
-
-    Only ``llm`` fields that differ from their defaults enter it, so adding a field (with a default that keeps the
-    old behaviour) leaves existing runs resumable. ``every_field`` gives the rule of runs written before 2026-11-25
-    (all fields), still accepted for the runs made under it.
-    """
-    defaults = dataclasses.asdict(LLMConfig())
-    llm_fields = {
-        k: v
-        for k, v in dataclasses.asdict(llm).items()
-        if k not in _EVAL_ONLY_FIELDS and (every_field or v != defaults.get(k))
-    }
-    data = config.data
-    payload = {
-        "model": config.model,
-        "data": [data.dataset, data.protocol, data.split_seed],
-        "train": [getattr(config.train, name) for name in ("seed", "max_len")],
-        "llm": llm_fields,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --- samples, prompts and batches ---------------------------------------------------------------------------------
@@ -916,7 +893,8 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
     _check_config(config, llm)
     data, tc = config.data, config.train
     run_dir, ckpt_dir = config.run_dir, config.run_dir / CHECKPOINT_DIR
-    fingerprint = _fingerprint(config, llm)
+    fingerprints = run_fingerprints(config, llm, ignore=_EVAL_ONLY_FIELDS)
+    fingerprint = fingerprints[0]
 
     precision, why = select_precision(PartialState().device, llm.precision)
     accelerator = Accelerator(gradient_accumulation_steps=llm.grad_accum, mixed_precision=precision)
@@ -931,10 +909,7 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
         torch.set_num_threads(tc.num_threads)
 
     state = _read_state(ckpt_dir) if resume else None
-    if state is not None and state.fingerprint not in (
-        fingerprint,
-        _fingerprint(config, llm, every_field=True),
-    ):
+    if state is not None and state.fingerprint not in fingerprints:
         raise ConfigError(
             ckpt_dir, None, "was written under a different training config; run with --restart to start over"
         )
