@@ -376,8 +376,9 @@ def save_config(config: RunConfig, path: Path) -> None:
     tmp.replace(path)
 
 
-# llm fields added after the first checkpoints were written; the old every-field rule left them out
-_LLM_FIELDS_ADDED_LATER = ("init_lora_from",)
+# llm fields added after the first checkpoints were written, oldest addition first; a checkpoint written under the
+# old every-field rule before an addition left that addition's fields, and every later one's, out
+LLM_FIELD_ADDITIONS: tuple[tuple[str, ...], ...] = (("history", "retrieval_dim"), ("init_lora_from",))
 
 
 def run_fingerprints(config: RunConfig, llm: LLMConfig, *, ignore: tuple[str, ...]) -> tuple[str, ...]:
@@ -385,8 +386,8 @@ def run_fingerprints(config: RunConfig, llm: LLMConfig, *, ignore: tuple[str, ..
 
     The first is the current rule: only ``llm`` fields away from their defaults enter it, so adding a field
     (with a default that keeps the old behaviour) leaves existing runs resumable. The others are the older
-    every-field rule, with and without the fields added since; checkpoints written under it are still accepted.
-    ``ignore`` names the evaluation-only fields, which never enter.
+    every-field rule, as it stood now and before each of ``LLM_FIELD_ADDITIONS`` (newest first), so checkpoints
+    written under it are still accepted. ``ignore`` names the evaluation-only fields, which never enter.
     """
     import hashlib
     import json
@@ -394,7 +395,10 @@ def run_fingerprints(config: RunConfig, llm: LLMConfig, *, ignore: tuple[str, ..
     defaults = dataclasses.asdict(LLMConfig())
     values = {k: v for k, v in dataclasses.asdict(llm).items() if k not in ignore}
     changed = {k: v for k, v in values.items() if v != defaults.get(k)}
-    older = {k: v for k, v in values.items() if k not in _LLM_FIELDS_ADDED_LATER or k in changed}
+    olders = []
+    for cut in range(len(LLM_FIELD_ADDITIONS) - 1, -1, -1):
+        added = {name for fields in LLM_FIELD_ADDITIONS[cut:] for name in fields}
+        olders.append({k: v for k, v in values.items() if k not in added or k in changed})
 
     def digest(llm_fields: dict[str, Any]) -> str:
         data = config.data
@@ -406,4 +410,4 @@ def run_fingerprints(config: RunConfig, llm: LLMConfig, *, ignore: tuple[str, ..
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    return digest(changed), digest(values), digest(older)
+    return (digest(changed), digest(values), *(digest(older) for older in olders))

@@ -254,8 +254,6 @@ def train_fullrank(
     tc = config.train
     run_dir = config.run_dir
     ckpt = run_dir / CHECKPOINT_DIR
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     print_fn = tqdm.write if progress else log.info
@@ -266,6 +264,8 @@ def train_fullrank(
         raise ConfigError(
             ckpt, None, "was written under a different config; run with --restart to start over"
         )
+    run_dir.mkdir(parents=True, exist_ok=True)  # only after the check: a refused run leaves config.yaml alone
+    save_config(config, run_dir / "config.yaml")
     if state is not None and state.finished and (run_dir / "metrics.json").exists():
         return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     if state is None:

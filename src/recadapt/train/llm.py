@@ -902,9 +902,6 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
     log.info("%s: mixed precision %s (%s)", run_dir, precision, why)
     if progress and main:
         tqdm.write(f"{config.run_name}: mixed precision {precision} ({why}), device {accelerator.device}")
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
 
@@ -913,6 +910,9 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
         raise ConfigError(
             ckpt_dir, None, "was written under a different training config; run with --restart to start over"
         )
+    if main:  # only after the check, so a refused run leaves the existing run's config.yaml alone
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
     evaluation = _evaluation_settings(config, llm)
     if state is not None and state.finished and (run_dir / "metrics.json").exists():
         previous = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
