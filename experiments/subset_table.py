@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 from recadapt.report import load_runs, write_runs_report
@@ -34,10 +33,7 @@ def main() -> None:
     parser.add_argument("--title", default="CTR on ml-1m-ctr")
     parser.add_argument("--label-by-name", action="store_true", help="one row per run name (ablations)")
     args = parser.parse_args()
-    llm_runs = load_runs([Path(r) for r in args.llm_runs])
-    if args.label_by_name:
-        for run in llm_runs:
-            run["model"] = re.sub(r"-s\d+$", "", run["run"])
+    llm_runs = load_runs([Path(r) for r in args.llm_runs], label_by_name=args.label_by_name)
     samples = {r["test_samples"] for r in llm_runs}
     if len(samples) != 1:
         raise SystemExit(f"the LLM runs were evaluated on different numbers of samples: {sorted(samples)}")

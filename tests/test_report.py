@@ -70,3 +70,16 @@ def test_llm_runs_get_one_row_per_ranking_mode_and_a_budget_table(tmp_path: Path
     assert "| tallrec (score) | 1 | 0.3000 ± 0.0000 | 0.3000 ± 0.0000 | 1.0000 ± 0.0000 |" in text
     assert "| toy | tallrec | 0 | 512 | 16 | 150,000 | 20.0 min | 10 |" in text
     assert "sasrec | 0 |" not in text.split("Training budget")[1]  # CRMs have no LLM budget row
+
+
+def test_label_by_name_gives_ablations_rows_of_their_own(tmp_path: Path):
+    runs = []
+    for name, seed, hr in (("ilora", 0, 0.2), ("ilora", 1, 0.4), ("ilora-k2", 0, 0.1)):
+        run = _run(tmp_path, name, seed, hr)
+        payload = json.loads((run / "metrics.json").read_text())
+        payload |= {"model": "ilora", "run": f"{name}-toy-s{seed}"}  # an ablation keeps its model's name
+        (run / "metrics.json").write_text(json.dumps(payload))
+        runs.append(run)
+    assert {r["model"] for r in write_report(runs, tmp_path / "a.md")} == {"ilora"}
+    rows = write_report(runs, tmp_path / "b.md", label_by_name=True)
+    assert {r["model"]: len(r["seeds"]) for r in rows} == {"ilora-toy": 2, "ilora-k2-toy": 1}

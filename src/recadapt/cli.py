@@ -133,7 +133,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from recadapt.report import write_report
 
-    write_report([Path(p) for p in args.runs], Path(args.out), title=args.title)
+    write_report(
+        [Path(p) for p in args.runs], Path(args.out), title=args.title, label_by_name=args.label_by_name
+    )
     print(f"wrote {args.out}")
     return 0
 
@@ -214,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", help="run directories")
     rep.add_argument("--out", required=True, help="Markdown file; a .csv and a .png are written beside it")
     rep.add_argument("--title", default="Results")
+    rep.add_argument(
+        "--label-by-name",
+        action="store_true",
+        help="one row per run name without its -s<seed> suffix (ablations of one model), not per model",
+    )
     rep.set_defaults(func=_cmd_report)
     return parser
 

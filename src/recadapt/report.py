@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,21 @@ REPORTED = {
 }
 
 
-def load_runs(run_dirs: list[Path]) -> list[dict[str, Any]]:
+def load_runs(run_dirs: list[Path], *, label_by_name: bool = False) -> list[dict[str, Any]]:
     """The runs' ``metrics.json``; an LLM run ranked in several modes becomes one run per mode, named
-    ``model (mode)``, so every mode gets its own row."""
+    ``model (mode)``, so every mode gets its own row.
+
+    Rows group runs by model, so seeds aggregate. ``label_by_name`` groups them by run name without its
+    ``-s<seed>`` suffix instead, so ablations of one model (``ilora-k2-...-s0``) get rows of their own.
+    """
     runs = []
     for run_dir in run_dirs:
         path = Path(run_dir) / "metrics.json"
         if not path.exists():
             raise FileNotFoundError(f"{path}: run has not finished (no metrics.json)")
         run = json.loads(path.read_text(encoding="utf-8"))
+        if label_by_name:
+            run["model"] = re.sub(r"-s\d+$", "", run.get("run") or Path(run_dir).name)
         by_mode = run.get("test_by_mode")
         if not by_mode:
             runs.append(run)
@@ -181,9 +188,11 @@ def plot_rows(rows: list[dict[str, Any]], path: Path) -> None:
     tmp.replace(path)
 
 
-def write_report(run_dirs: list[Path], out: Path, title: str = "Results") -> list[dict[str, Any]]:
-    """Write ``out`` (Markdown), ``out.csv`` and ``out.png`` from finished runs."""
-    return write_runs_report(load_runs(run_dirs), out, title)
+def write_report(
+    run_dirs: list[Path], out: Path, title: str = "Results", *, label_by_name: bool = False
+) -> list[dict[str, Any]]:
+    """Write ``out`` (Markdown), ``out.csv`` and ``out.png`` from finished runs (rows as :func:`load_runs`)."""
+    return write_runs_report(load_runs(run_dirs, label_by_name=label_by_name), out, title)
 
 
 def write_runs_report(runs: list[dict[str, Any]], out: Path, title: str = "Results") -> list[dict[str, Any]]:
