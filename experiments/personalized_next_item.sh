@@ -4,9 +4,9 @@
 # Usage: experiments/personalized_next_item.sh [DATA_DIR] [JOB...]
 #   JOB is METHOD:SEED (tallrec, llara, ilora) or an ablation ilora-k1|ilora-k2|ilora-k8|ilora-random:SEED;
 #   default: every method on seeds 0 1 2, then the four ablations on seed 0.
-#   THREADS=1 sets torch's thread count; two instances with THREADS=1 on disjoint job lists finish ~1.35x sooner
-#   on 2 cores than one instance with both (measured: a training step 12.5 s alone on 2 threads, 18.5 s each for
-#   two concurrent 1-thread processes).
+#   THREADS=1 sets torch's thread count; two instances with THREADS=1 on disjoint job lists finish sooner on 2
+#   cores than one instance doing both (measured: two TALLRec runs, training and evaluation, 27 min side by side
+#   against ~21 min each alone on 2 threads: 1.55x).
 # Seed s uses runs/crm/sasrec-lastfm-next-item-s<s> (experiments/crm.sh) for LLaRA's item embeddings and iLoRA's
 # gate input; the 512 training rows are the same for every seed (chosen by the split seed), so seeds vary the
 # initialisation, dropout, sample order and CRM. Budget as experiments/llm.sh: 1 epoch, 64 optimizer steps of 8,
