@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub, before transformers reads its settings
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -168,24 +169,49 @@ class ForwardCounter:
 # score
 
 
+@pytest.fixture(params=[True, False], ids=["packed", "copied"])
+def packed(request: pytest.FixtureRequest) -> bool:
+    """Score mode both ways: candidates packed after the prompt (4-D mask) or on copies of its KV cache (the
+    path of attention kernels that take no 4-D mask)."""
+    return request.param
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_score_equals_naive_per_candidate_forward_with_padding_and_chunks(attn: str) -> None:
+def test_score_equals_naive_per_candidate_forward_with_padding_and_chunks(attn: str, packed: bool) -> None:
     model = _tiny_llama(attn)
     prompts = _prompts([5, 11, 8], seed=1)
     candidates = _random_candidates(3, 6, seed=2)
     suffix = [10]
     expected = _naive_scores(model, prompts, candidates, suffix)
-    got = score_candidates(model, prompts, candidates, answer_suffix_ids=suffix, batch_size=2)
+    got = score_candidates(model, prompts, candidates, answer_suffix_ids=suffix, batch_size=2, packed=packed)
     assert got.shape == (3, 6) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
-def test_score_with_embedding_prompts_and_a_mixed_batch(model: LlamaForCausalLM) -> None:
+def test_score_with_embedding_prompts_and_a_mixed_batch(model: LlamaForCausalLM, packed: bool) -> None:
     prompts: list[torch.Tensor] = [*_embed_prompts([7, 4], seed=3), *_prompts([9], seed=4)]
     candidates = _random_candidates(3, 5, seed=5)
     expected = _naive_scores(model, prompts, candidates, [10])
-    got = score_candidates(model, prompts, candidates, answer_suffix_ids=[10], batch_size=3)
+    got = score_candidates(model, prompts, candidates, answer_suffix_ids=[10], batch_size=3, packed=packed)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_and_copied_candidates_agree_under_bf16_autocast(attn: str) -> None:
+    # the packed path's additive mask is in the model's dtype (fp32) while autocast computes in bf16
+    model = _tiny_llama(attn)
+    prompts = _prompts([5, 11, 8], seed=1)
+    candidates = _random_candidates(3, 6, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = score_candidates(
+            model, prompts, candidates, answer_suffix_ids=[10], batch_size=2, packed=True
+        )
+        copied = score_candidates(
+            model, prompts, candidates, answer_suffix_ids=[10], batch_size=2, packed=False
+        )
+    assert torch.isfinite(packed).all()
+    torch.testing.assert_close(packed, copied, atol=0.05, rtol=0)
+    assert (packed.argmax(1) == copied.argmax(1)).all()
 
 
 def test_score_sum_is_mean_times_length_and_single_token_candidates_need_one_forward(
@@ -220,14 +246,19 @@ class _CondRecorder(torch.nn.Module):
         return self.model(*args, **kwargs)
 
 
-def test_cond_follows_chunks_finished_rows_and_candidate_copies(model: LlamaForCausalLM) -> None:
+def test_cond_follows_chunks_finished_rows_and_candidate_copies(
+    model: LlamaForCausalLM, packed: bool
+) -> None:
     recorder = _CondRecorder(model).eval()
     cond = torch.tensor([[10.0, 0.0], [11.0, 0.0], [12.0, 0.0]])  # row i carries 10 + i
     plain = score_candidates(model, _prompts([4, 5, 6], seed=7), [[[5, 6], [7, 8]]] * 3, batch_size=2)
     scores = score_candidates(
-        recorder, _prompts([4, 5, 6], seed=7), [[[5, 6], [7, 8]]] * 3, batch_size=2, cond=cond
+        recorder, _prompts([4, 5, 6], seed=7), [[[5, 6], [7, 8]]] * 3, batch_size=2, cond=cond, packed=packed
     )
-    assert recorder.seen == [[10, 11], [10, 10, 11, 11], [12], [12, 12]]
+    if packed:  # one row per prompt throughout
+        assert recorder.seen == [[10, 11], [10, 11], [12], [12]]
+    else:  # the candidate pass runs one row per (prompt, candidate), user-major
+        assert recorder.seen == [[10, 11], [10, 10, 11, 11], [12], [12, 12]]
     torch.testing.assert_close(scores, plain)
     recorder.seen.clear()
     constrained_rank(recorder, _prompts([4, 5, 6], seed=7), _random_candidates(3, 4, seed=3), cond=cond)
@@ -423,6 +454,10 @@ def test_input_errors(model: LlamaForCausalLM) -> None:
         constrained_rank(model, prompts, [[[5], []], [[7], [8]]])
     with pytest.raises(ValueError, match="2 prompts but 1"):
         score_candidates(model, prompts, [[[5], [6]]])
+    flash = _CondRecorder(model).eval()
+    flash.config = SimpleNamespace(_attn_implementation="flash_attention_2")  # no 4-D masks there
+    with pytest.raises(ValueError, match="packed=True needs an attention kernel"):
+        score_candidates(flash, prompts, [[[5], [6]], [[7], [8]]], cond=torch.zeros(2, 1), packed=True)
     with pytest.raises(ValueError, match="width"):
         yes_probability(model, [torch.zeros(3, HIDDEN + 1)], 5, 6)
     with pytest.raises(ValueError, match="unknown ranking mode"):

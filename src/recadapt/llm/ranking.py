@@ -12,8 +12,8 @@ Modes (:data:`RANKING_MODES`, chosen at evaluation time through :func:`rank_cand
     title's worth.
 ``score``
     Length-normalised log-likelihood of every candidate after the shared prompt (:func:`score_candidates`): one
-    prompt pass, then one pass over all candidates on copies of the prompt's KV cache. A full ranking, so
-    HitRatio@K and NDCG@K apply.
+    prompt pass, then one pass over all candidates packed side by side after it, each seeing the prompt and its
+    own tokens only (a 4-D attention mask). A full ranking, so HitRatio@K and NDCG@K apply.
 
 CTR prompts are scored by :func:`yes_probability` (softmax over the "Yes"/"No" answer-token logits, as in ReLLa).
 
@@ -34,8 +34,9 @@ sets up; log-probabilities are always taken in float32).
 
 Per-instance conditioning (iLoRA's CRM sequence representation, RecLoRA's user vector) is an explicit argument:
 ``cond`` [len(prompts), d] is passed to every model forward as ``model(..., cond=rows_cond)``, sliced to the rows
-of that forward. Rows are dropped as they finish and, in ``score`` mode, repeated once per candidate (user-major),
-and ``cond`` follows them; the model must accept the ``cond`` keyword (e.g. :class:`recadapt.adapters.AdaptedModel`).
+of that forward. Rows are dropped as they finish (and, in ``score`` mode under an attention kernel that takes no
+4-D mask, repeated once per candidate, user-major), and ``cond`` follows them; the model must accept the ``cond``
+keyword (e.g. :class:`recadapt.adapters.AdaptedModel`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ Normalise = Literal["mean", "sum"]
 
 DEFAULT_MAX_NEW_TOKENS = 64  # the papers' generation budget
 DEFAULT_BATCH_SIZE = 8  # prompts per forward
-DEFAULT_SCORE_BATCH_SIZE = 4  # prompts per forward in score mode, which runs prompts x candidates rows
+# prompts per forward in score mode, whose logits are prompts x candidates x tokens
+DEFAULT_SCORE_BATCH_SIZE = 4
+# attention kernels that take a ready 4-D mask (see recadapt.llm.masking): score mode packs the candidates of a
+# prompt into one row under them, and otherwise copies the prompt's KV cache once per candidate
+PACKED_ATTENTION = ("sdpa", "eager")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,6 +197,7 @@ class _Session:
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [rows, cache slots]
         self.next_position = torch.zeros(0, dtype=torch.long, device=self.device)  # [rows]
         self.rows = torch.zeros(0, dtype=torch.long)  # [rows] index of each row's prompt (on CPU)
+        self.packed = False  # the cache holds independent continuations side by side: no further extension
 
     def prefill(
         self,
@@ -242,11 +248,42 @@ class _Session:
 
     def extend(self, input_ids: torch.Tensor, valid: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
         """Append a chunk [rows, K] of tokens (``valid`` False at padded slots) to every row; return logits."""
+        if self.packed:
+            raise RuntimeError("this session's cache holds packed continuations; it cannot be extended")
         valid = valid.to(self.device)
         self.mask = torch.cat([self.mask, valid.long()], dim=1)
         positions = self.next_position[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
         self.next_position = self.next_position + valid.sum(1)
         return self._forward({"input_ids": input_ids.to(self.device)}, positions, logits_to_keep)
+
+    def extend_packed(self, blocks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Append C independent continuations ``blocks`` [rows, C, L] (``valid`` False at padded slots, which
+        follow a block's real tokens) to every row in one forward; return their logits [rows, C * L, V].
+
+        Each continuation sees its row's cached slots and its own earlier tokens, never another continuation
+        (a 4-D mask from :func:`recadapt.llm.masking.context_allowed`, one segment per block, with positions
+        running on from the row's cache), so C candidates cost one pass over C x L new tokens instead of C copies
+        of the cache. The cache then holds the continuations side by side, so the session ends here.
+        """
+        from recadapt.llm.masking import context_attention_mask
+
+        if self.packed:
+            raise RuntimeError("this session's cache holds packed continuations; it cannot be extended")
+        rows, n_blocks, width = blocks.shape
+        valid = valid.to(self.device).reshape(rows, n_blocks * width)
+        segments = torch.arange(1, n_blocks + 1, device=self.device).repeat_interleave(width)
+        mask = context_attention_mask(
+            segments.expand(rows, -1),
+            valid,
+            prefix_len=self.mask.shape[1],
+            prefix_mask=self.mask,
+            dtype=self.model.get_input_embeddings().weight.dtype,
+        )
+        offsets = torch.arange(width, device=self.device).repeat(n_blocks)
+        positions = self.next_position[:, None] + offsets[None, :]
+        self.packed = True
+        inputs = {"input_ids": blocks.reshape(rows, n_blocks * width).to(self.device)}
+        return self._forward(inputs, positions, logits_to_keep=0, attention_mask=mask)
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only rows ``keep`` (indices into the current rows)."""
@@ -264,13 +301,17 @@ class _Session:
         self.rows = self.rows.repeat_interleave(times)
 
     def _forward(
-        self, inputs: dict[str, torch.Tensor], positions: torch.Tensor, logits_to_keep: int
+        self,
+        inputs: dict[str, torch.Tensor],
+        positions: torch.Tensor,
+        logits_to_keep: int,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.cond is not None:
             inputs = {**inputs, "cond": self.cond[self.rows.to(self.cond.device)]}
         out = self.model(
             **inputs,
-            attention_mask=self.mask,
+            attention_mask=self.mask if attention_mask is None else attention_mask,
             position_ids=positions,
             past_key_values=self.cache,
             use_cache=True,
@@ -551,13 +592,16 @@ def score_candidates(
     normalise: Normalise = "mean",
     batch_size: int = DEFAULT_SCORE_BATCH_SIZE,
     cond: torch.Tensor | None = None,
+    packed: bool | None = None,
 ) -> torch.Tensor:
     """Log-likelihood of every candidate (+ suffix) after its prompt: float32 scores [B, C] on the CPU.
 
     ``normalise="mean"`` divides by the candidate's token count, so long titles are not penalised for their
-    length; ``"sum"`` is the total log-probability. Each prompt is run once; its KV cache is then copied once per
-    candidate and all candidates' tokens are scored in one forward (``batch_size`` x C rows; the logits of that
-    forward, rows x longest candidate x vocabulary, bound the memory).
+    length; ``"sum"`` is the total log-probability. Each prompt is run once; then all its candidates' tokens are
+    scored in one forward: ``packed`` side by side after the prompt under a 4-D mask, or on one copy of the
+    prompt's KV cache per candidate (C times the cache, and attention over C copies of the prompt). The default
+    packs when the model's attention kernel takes a 4-D mask (:data:`PACKED_ATTENTION`). The logits of that
+    forward, ``batch_size`` x C x longest candidate x vocabulary, bound the memory.
     """
     _check_eval(model)
     _check_batch(prompts, candidate_token_ids, "candidate lists")
@@ -567,6 +611,13 @@ def score_candidates(
     tokens, lengths = _candidate_tensor(candidate_token_ids, answer_suffix_ids)
     n_candidates, longest = tokens.shape[1], tokens.shape[2]
     scores = torch.zeros(len(tensors), n_candidates, dtype=torch.float32)
+    kernel = getattr(model.config, "_attn_implementation", None)
+    if packed is None:
+        packed = kernel in PACKED_ATTENTION
+    elif packed and kernel not in PACKED_ATTENTION:
+        raise ValueError(
+            f"packed=True needs an attention kernel that takes a 4-D mask {PACKED_ATTENTION}, got {kernel!r}"
+        )
     for chunk in _chunks(len(tensors), batch_size):
         session = _Session(model, cond)
         last = session.prefill([tensors[i] for i in chunk], torch.tensor(list(chunk)))[:, -1].float()
@@ -575,11 +626,16 @@ def score_candidates(
         total = last.log_softmax(dim=-1).gather(1, chunk_tokens[:, :, 0])  # the first token, from the prompt
         if longest > 1:
             rows = len(chunk) * n_candidates
-            session.repeat(n_candidates)
-            inputs = chunk_tokens[:, :, :-1].reshape(rows, longest - 1)
+            inputs = chunk_tokens[:, :, :-1]
             targets = chunk_tokens[:, :, 1:].reshape(rows, longest - 1)
             valid = targets >= 0  # position j is real and predicts a real token j + 1
-            logits = session.extend(inputs.clamp(min=0), valid, logits_to_keep=0).float()
+            if packed:
+                logits = session.extend_packed(inputs.clamp(min=0), valid.view(len(chunk), n_candidates, -1))
+                logits = logits.float().view(rows, longest - 1, -1)
+            else:
+                session.repeat(n_candidates)
+                inputs = inputs.reshape(rows, longest - 1).clamp(min=0)
+                logits = session.extend(inputs, valid, logits_to_keep=0).float()
             picked = logits.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
             log_probs = (picked - logits.logsumexp(dim=-1)).masked_fill(~valid, 0.0)
             total = total + log_probs.sum(dim=1).view(len(chunk), n_candidates)
