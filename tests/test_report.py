@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from recadapt.report import write_report
+from recadapt.report import train_time, write_report
 
 
 def _run(root: Path, model: str, seed: int, hr: float) -> Path:
@@ -70,6 +70,21 @@ def test_llm_runs_get_one_row_per_ranking_mode_and_a_budget_table(tmp_path: Path
     assert "| tallrec (score) | 1 | 0.3000 ± 0.0000 | 0.3000 ± 0.0000 | 1.0000 ± 0.0000 |" in text
     assert "| toy | tallrec | 0 | 512 | 16 | 150,000 | 20.0 min | 10 |" in text
     assert "sasrec | 0 |" not in text.split("Training budget")[1]  # CRMs have no LLM budget row
+
+
+@pytest.mark.parametrize(
+    ("fields", "shown"),
+    [
+        ({"train_seconds": 1500.0, "train_seconds_this_process": 60.0}, "25.0 min"),  # summed over processes
+        (
+            {"train_seconds": None, "train_seconds_this_process": 60.0},
+            "—",
+        ),  # resumed from an older checkpoint
+        ({"train_seconds_this_process": 60.0}, "1.0 min"),  # metrics written before the sum was recorded
+    ],
+)
+def test_train_time_prefers_the_sum_over_processes(fields: dict, shown: str) -> None:
+    assert train_time(fields) == shown
 
 
 def test_label_by_name_gives_ablations_rows_of_their_own(tmp_path: Path):

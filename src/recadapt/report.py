@@ -57,18 +57,25 @@ def _budget(runs: list[dict[str, Any]]) -> list[str]:
     if not seen:
         return []
     out = [
-        "Training budget (one process):",
+        "Training budget (one process; train time summed over the processes of a resumed run, — where unknown):",
         "",
         "| dataset | model | seed | train samples | optimizer steps | train tokens | train time | test samples |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for (dataset, model, seed), run in sorted(seen.items()):
-        seconds = run.get("train_seconds_this_process", 0.0)
         out.append(
             f"| {dataset} | {model} | {seed} | {run.get('train_samples', 0):,} | {run['optimizer_steps']} | "
-            f"{run.get('train_tokens', 0):,} | {seconds / 60:.1f} min | {run['test_samples']} |"
+            f"{run.get('train_tokens', 0):,} | {train_time(run)} | {run['test_samples']} |"
         )
     return [*out, ""]
+
+
+def train_time(metrics: dict[str, Any]) -> str:
+    """A run's training time in minutes: summed over its processes (``train_seconds``), "—" where that is
+    unknown (resumed from a checkpoint older than the record); metrics files older than the record give their
+    last process's time, which for a run that was never interrupted is the whole."""
+    seconds = metrics.get("train_seconds", metrics.get("train_seconds_this_process", 0.0))
+    return "—" if seconds is None else f"{seconds / 60:.1f} min"
 
 
 def _cell(value: float, text: str) -> str:

@@ -97,8 +97,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path):
     process.wait()
     assert process.returncode == -signal.SIGKILL
     assert not (run_dir / "metrics.json").exists()
-    killed_at = json.loads((run_dir / "checkpoint" / "state.json").read_text())["epoch"]
-    assert killed_at < 25
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert state["epoch"] < 25 and state["train_seconds"] > 0
+    # the run's training time goes on from the checkpoint's (set to 1000 s, so the sum is recognisable)
+    (run_dir / "checkpoint" / "state.json").write_text(json.dumps({**state, "train_seconds": 1000.0}))
 
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0  # resumes from the checkpoint
     assert main([*common, "name=straight"]) == 0
@@ -106,6 +108,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path):
     straight = json.loads((tmp_path / "runs" / "straight" / "metrics.json").read_text())
     assert resumed["best_epoch"] == straight["best_epoch"]
     assert resumed["test"] == straight["test"]
+    assert 1000.0 < resumed["train_seconds"] <= 1000.0 + resumed["train_seconds_this_process"]
     with (run_dir / "log.csv").open() as handle:
         epochs = [int(line.split(",")[0]) for line in handle.readlines()[1:]]
     assert epochs == list(range(1, 26)), "the resumed log must continue, not repeat, epochs"

@@ -164,11 +164,15 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(workdir: Path) -> None
     state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
     # killed at step 7 of the second stage-1 epoch; its last checkpoint is step 6 (mid-epoch, batch 4 of 8)
     assert (state["stage"], state["epoch"], state["batch"], state["step"]) == (0, 1, 4, 6)
+    # a checkpoint from before the run's time was recorded: the resumed run's total is unknown, not understated
+    assert state.pop("train_seconds") > 0
+    (run_dir / "checkpoint" / "state.json").write_text(json.dumps(state))
 
     assert main(interrupted) == 0
     assert main(_args(workdir, "laser", "straight")) == 0
     resumed, straight = _metrics(run_dir), _metrics(workdir / "runs" / "straight")
     assert resumed["test"] == straight["test"] and resumed["best"] == straight["best"]
+    assert resumed["train_seconds"] is None and straight["train_seconds"] > 0
     resumed_log, straight_log = _log(run_dir), _log(workdir / "runs" / "straight")
     assert [r["train/loss"] for r in resumed_log] == [r["train/loss"] for r in straight_log]
 

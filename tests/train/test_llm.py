@@ -231,12 +231,17 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(workdir: Path) -> None
     # killed at step 5; the last checkpoint is step 3, mid-way through the first epoch
     assert (state["step"], state["epoch"], state["batch_in_epoch"], state["finished"]) == (3, 0, 6, False)
     assert [int(row["step"]) for row in _log(run_dir)] == [1, 2, 3, 4]
+    assert state["train_seconds"] > 0
+    # the run's training time goes on from the checkpoint's (set to 1000 s here, so the sum is recognisable)
+    (run_dir / "checkpoint" / "state.json").write_text(json.dumps({**state, "train_seconds": 1000.0}))
 
     assert main(interrupted) == 0  # same command: resumes at the checkpoint's batch
     assert main(_args(workdir, "tallrec", "straight", "llm.lora_dropout=0.3")) == 0
     straight_dir = workdir / "runs" / "straight"
     resumed, straight = _metrics(run_dir), _metrics(straight_dir)
     assert resumed["optimizer_steps"] == straight["optimizer_steps"] == 8
+    assert 1000.0 < resumed["train_seconds"] <= 1000.0 + resumed["train_seconds_this_process"]
+    assert 0 < straight["train_seconds"] <= straight["train_seconds_this_process"]
     assert resumed["test"] == straight["test"]
     assert resumed["test_by_mode"] == straight["test_by_mode"]
     resumed_log, straight_log = _log(run_dir), _log(straight_dir)

@@ -31,6 +31,7 @@ from recadapt.tasks.evaluate import evaluate_crm, evaluation_rows, monitor_metri
 from recadapt.tasks.metrics import Estimate
 from recadapt.train.config import RunConfig, _coerce, save_config
 from recadapt.train.logger import RunLogger
+from recadapt.train.state import add_train_time, read_state, rounded_train_seconds
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class TrainerState:
     best_epoch: int = -1
     bad_epochs: int = 0
     finished: bool = False
+    train_seconds: float | None = 0.0  # over every process of the run (None: begun before this was recorded)
 
 
 def training_tensors(prepared: Prepared, protocol: str, max_len: int) -> dict[str, torch.Tensor]:
@@ -103,7 +105,7 @@ def _load_checkpoint(run_dir: Path, model, optimizer) -> TrainerState:
     model.load_state_dict(restored.state_dict())
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
-    return TrainerState(**json.loads((ckpt / "state.json").read_text(encoding="utf-8")))
+    return read_state(TrainerState, ckpt / "state.json")
 
 
 def _flat(report: dict[str, Estimate], prefix: str) -> dict[str, float]:
@@ -140,7 +142,7 @@ def train_crm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
     steps_per_epoch = math.ceil(n_train / tc.batch_size)
     if tc.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, tc.max_steps_per_epoch)
-    started = time.time()
+    started = clock = time.time()
     while state.epoch < tc.epochs and not state.finished:
         model.train()
         epoch_started = time.time()
@@ -203,6 +205,7 @@ def train_crm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
             )
         if tc.patience and state.bad_epochs >= tc.patience:
             state.finished = True
+        clock = add_train_time(state, clock)
         _save_checkpoint(run_dir, model, optimizer, state)
     logger.close()
     train_seconds = time.time() - started
@@ -230,6 +233,7 @@ def train_crm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
         "valid_monitor": {monitor: state.best_value},
         "train_samples": n_train,
         "test_samples": len(prepared.parts["test"]),
+        "train_seconds": rounded_train_seconds(state),
         "train_seconds_this_process": round(train_seconds, 1),
         "test": {k: v.to_dict() for k, v in test.items()},
     }

@@ -43,6 +43,7 @@ from recadapt.tasks.evaluate import RANKING_KS, evaluation_rows
 from recadapt.tasks.metrics import Estimate, ranking_report, target_ranks
 from recadapt.train.config import EMBEDDING_METHODS, LLMConfig, RunConfig, run_fingerprints, save_config
 from recadapt.train.logger import RunLogger, truncate_log
+from recadapt.train.state import add_train_time, read_state, rounded_train_seconds
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class FullRankState:
     best_label: str = ""
     finished: bool = False
     fingerprint: str = ""
+    train_seconds: float | None = 0.0  # over every process of the run (None: begun before this was recorded)
 
 
 # --- configuration ------------------------------------------------------------------------------------------------
@@ -191,7 +193,7 @@ def _save_checkpoint(
 
 def _read_state(path: Path) -> FullRankState | None:
     try:
-        return FullRankState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
+        return read_state(FullRankState, path / "state.json")
     except FileNotFoundError:
         return None
 
@@ -313,6 +315,7 @@ def train_fullrank(
     )
 
     window = {"loss": 0.0, "aux": 0.0, "batches": 0, "tokens": 0, "time": time.time()}
+    clock = time.time()
     while state.stage < len(stages):
         stage = stages[state.stage]
         while state.epoch < stage.epochs:
@@ -368,6 +371,7 @@ def train_fullrank(
                         )
                         window = {"loss": 0.0, "aux": 0.0, "batches": 0, "tokens": 0, "time": time.time()}
                     if state.step % llm.checkpoint_every == 0 and state.batch < per_epoch:
+                        clock = add_train_time(state, clock)
                         _save_checkpoint(ckpt, model, optimizer, scheduler, state, table)
             bar.close()
             # end of epoch: the table of the updated model (also next epoch's), validation, best, checkpoint
@@ -389,6 +393,7 @@ def train_fullrank(
                 _save_best(run_dir / BEST_DIR, model, eval_table if model.table_needs_llm else None,
                            {"label": label, **{k: v.to_dict() for k, v in report.items()}})  # fmt: skip
             state.epoch, state.batch = state.epoch + 1, 0
+            clock = add_train_time(state, clock)
             _save_checkpoint(ckpt, model, optimizer, scheduler, state, table)
         state.stage, state.epoch = state.stage + 1, 0
         table = None  # the next stage starts from its own table (stage 2: the best one)
@@ -428,6 +433,7 @@ def train_fullrank(
         "valid_samples": len(valid),
         "best": state.best_label,
         "best_valid_NDCG@10": state.best_metric,
+        "train_seconds": rounded_train_seconds(state),
         "train_seconds_this_process": round(train_seconds, 1),
         "trainable_parameters": n_trainable,
         "test": {k: v.to_dict() for k, v in report.items()},

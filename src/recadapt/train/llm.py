@@ -66,6 +66,7 @@ from recadapt.train.config import (
     save_config,
 )
 from recadapt.train.logger import RunLogger, truncate_log
+from recadapt.train.state import add_train_time, read_state, rounded_train_seconds
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -634,6 +635,7 @@ class LLMTrainerState:
     finished: bool = False  # training done (the evaluation may still be pending)
     num_processes: int = 1
     fingerprint: str = ""
+    train_seconds: float | None = 0.0  # over every process of the run (None: begun before this was recorded)
 
 
 def _save_weights(folder: Path, adapted: nn.Module | None, projector: nn.Module | None) -> None:
@@ -725,7 +727,7 @@ def _save_checkpoint(
 
 def _read_state(path: Path) -> LLMTrainerState | None:
     try:
-        return LLMTrainerState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
+        return read_state(LLMTrainerState, path / "state.json")
     except FileNotFoundError:
         return None
 
@@ -1018,6 +1020,7 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
             "train_samples": 0 if method == "zero-shot" else len(subset),
             "test_samples": len(rows),
             "ranking_mode": None if data.protocol == "ctr" else headline,
+            "train_seconds": 0.0 if method == "zero-shot" else rounded_train_seconds(state),
             "train_seconds_this_process": round(train_seconds, 1),
             "evaluation": evaluation,
             "test": {k: v.to_dict() for k, v in reports[headline].items()},
@@ -1308,7 +1311,7 @@ def _train(
         disable=not (progress and accelerator.is_main_process),
         dynamic_ncols=True,
     )
-    window_started = time.time()
+    window_started = clock = time.time()
     model.train()
     if projector is not None:
         projector.train()
@@ -1393,10 +1396,13 @@ def _train(
             if state.step >= total_steps:
                 break
             if state.step % llm.checkpoint_every == 0:
+                clock = add_train_time(state, clock)
                 _save_checkpoint(accelerator, ckpt_dir, adapted, raw_projector, optimizer, scheduler, state)
         else:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     bar.close()
+    if not state.finished:
+        add_train_time(state, clock)
     if logger is not None:
         logger.close()
     if accelerator.is_main_process:

@@ -1,0 +1,39 @@
+"""What every trainer's ``state.json`` shares: the training time summed over all processes of a run, so a
+resumed run reports what it cost in total, not just its last process."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+class Timed(Protocol):
+    train_seconds: float | None
+
+
+def read_state(cls: type[T], path: Path, **overrides: Any) -> T:
+    """``cls`` from the state file ``path``. A checkpoint written before ``train_seconds`` was recorded reads as
+    None (unknown): its earlier processes' time is lost, and adding only the later ones would understate it."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.setdefault("train_seconds", None)
+    return cls(**{**data, **overrides})
+
+
+def add_train_time(state: Timed, since: float) -> float:
+    """Add the seconds since ``since`` (a ``time.time()``) to ``state.train_seconds`` unless it is unknown;
+    return the current time, the start of the next interval."""
+    now = time.time()
+    if state.train_seconds is not None:
+        state.train_seconds += now - since
+    return now
+
+
+def rounded_train_seconds(state: Timed | None) -> float | None:
+    """``metrics.json``'s ``train_seconds``: to 0.1 s, None when unknown."""
+    if state is None or state.train_seconds is None:
+        return None
+    return round(state.train_seconds, 1)
