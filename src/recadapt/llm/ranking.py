@@ -246,10 +246,13 @@ class _Session:
             return prompt.to(self.device, dtype)
         return embedding(prompt.to(self.device)).to(dtype)
 
-    def extend(self, input_ids: torch.Tensor, valid: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
-        """Append a chunk [rows, K] of tokens (``valid`` False at padded slots) to every row; return logits."""
+    def _check_open(self) -> None:
         if self.packed:
             raise RuntimeError("this session's cache holds packed continuations; it cannot be extended")
+
+    def extend(self, input_ids: torch.Tensor, valid: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
+        """Append a chunk [rows, K] of tokens (``valid`` False at padded slots) to every row; return logits."""
+        self._check_open()
         valid = valid.to(self.device)
         self.mask = torch.cat([self.mask, valid.long()], dim=1)
         positions = self.next_position[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
@@ -267,8 +270,7 @@ class _Session:
         """
         from recadapt.llm.masking import context_attention_mask
 
-        if self.packed:
-            raise RuntimeError("this session's cache holds packed continuations; it cannot be extended")
+        self._check_open()
         rows, n_blocks, width = blocks.shape
         valid = valid.to(self.device).reshape(rows, n_blocks * width)
         segments = torch.arange(1, n_blocks + 1, device=self.device).repeat_interleave(width)

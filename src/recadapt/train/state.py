@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -15,12 +15,12 @@ class Timed(Protocol):
     train_seconds: float | None
 
 
-def read_state(cls: type[T], path: Path, **overrides: Any) -> T:
+def read_state(cls: type[T], path: Path) -> T:
     """``cls`` from the state file ``path``. A checkpoint written before ``train_seconds`` was recorded reads as
     None (unknown): its earlier processes' time is lost, and adding only the later ones would understate it."""
     data = json.loads(path.read_text(encoding="utf-8"))
     data.setdefault("train_seconds", None)
-    return cls(**{**data, **overrides})
+    return cls(**data)
 
 
 def add_train_time(state: Timed, since: float) -> float:
