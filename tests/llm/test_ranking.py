@@ -29,6 +29,7 @@ from recadapt.llm.ranking import (
     generated_hits,
     greedy_generate,
     match_candidates,
+    packs_by_default,
     rank_candidates,
     score_candidates,
     yes_probability,
@@ -194,6 +195,13 @@ def test_score_with_embedding_prompts_and_a_mixed_batch(model: LlamaForCausalLM,
     expected = _naive_scores(model, prompts, candidates, [10])
     got = score_candidates(model, prompts, candidates, answer_suffix_ids=[10], batch_size=3, packed=packed)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_score_packs_by_default_only_on_a_cpu_under_a_4d_mask_kernel() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert packs_by_default("sdpa", cpu) and packs_by_default("eager", cpu)
+    assert not packs_by_default("flash_attention_2", cpu)
+    assert not packs_by_default("sdpa", cuda)  # copies were faster on an H200 (docs/benchmarks.md)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
