@@ -17,6 +17,10 @@
 # 10 history items; evaluation on a fixed 500-sample subset of the 7,331 test samples (the CRMs are scored on the
 # same subset). ReLLa and ReLLaX train on both ReiT views (recent and retrieved), so they see 2N prompts.
 # ReLLaX starts CFLoRA's A and B from the ReLLa run of the same N and freezes them (its published recipe).
+#
+# Environment (defaults in brackets): RECADAPT, the command [.venv/bin/recadapt] (e.g. "python3 -m recadapt.cli");
+# OUT, the runs folder [runs/llm]; CRM, the SASRec run [runs/crm/sasrec-ml-1m-ctr-ctr-s<seed>]; EXTRA, overrides
+# appended to every run (a GPU: "llm.batch_size=8 llm.grad_accum=1").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data}
@@ -24,15 +28,17 @@ SHOTS=${2:-256}
 SEED=${3:-0}
 shift 3 || shift $#
 METHODS=${*:-tallrec reclora ilora rella rellax}
-BIN=.venv/bin
-OUT=runs/llm
-CRM=runs/crm/sasrec-ml-1m-ctr-ctr-s$SEED
+RECADAPT=${RECADAPT:-.venv/bin/recadapt}
+OUT=${OUT:-runs/llm}
+CRM=${CRM:-runs/crm/sasrec-ml-1m-ctr-ctr-s$SEED}
+EXTRA=${EXTRA:-}
 mkdir -p "$OUT/logs"
 
 run() {  # run NAME ARGS...: one training + evaluation, logged to runs/llm/logs/NAME.log
   local name=$1; shift
   echo "$(date -u +%H:%M:%S) start $name"
-  $BIN/recadapt train "$@" name="$name" > "$OUT/logs/$name.log" 2>&1
+  # shellcheck disable=SC2086  # RECADAPT and EXTRA are word lists
+  $RECADAPT train "$@" $EXTRA name="$name" > "$OUT/logs/$name.log" 2>&1
   echo "$(date -u +%H:%M:%S) done  $name"
 }
 
