@@ -8,7 +8,8 @@
 #   SAMPLES     training samples per method (default 16384 of the 47,872 training rows; 0 = all), 1 epoch,
 #               micro-batch 32, lr 1e-3.
 # Set PY to the Python that has recadapt and its dependencies (default python3). Each step has its own timeout
-# (STEP_TIMEOUT, default 420 s; the benchmark BENCH_TIMEOUT, 150 s) so whatever finished is packed even when a later step overruns.
+# (STEP_TIMEOUT, default 420 s; the benchmark BENCH_TIMEOUT, 150 s) so whatever finished is packed even when a
+# later step overruns.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BACKBONE=$1 DATA=$2 SASREC=$3 RESULTS=$4 SAMPLES=${5:-16384}
@@ -16,9 +17,8 @@ PY=${PY:-python3}
 STEP_TIMEOUT=${STEP_TIMEOUT:-420}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
 RUNS=${RUNS:-runs/gpu}
-EXTRA=${EXTRA:-}   # extra overrides for every run (a CPU dry run: llm.eval_samples=4 llm.max_steps=2)
+EXTRA_RUN=${EXTRA_RUN:-}   # overrides added to every run (a CPU dry run: llm.eval_samples=4 llm.max_steps=2)
 mkdir -p "$RESULTS" "$RUNS/logs"
-recadapt() { "$PY" -m recadapt.cli "$@"; }
 stamp() { echo "$(date -u +%H:%M:%S) $*" | tee -a "$RESULTS/job.log"; }
 
 {
@@ -44,7 +44,7 @@ tail -8 "$RESULTS/bench.txt" | tee -a "$RESULTS/job.log"
 
 NEXT="--dataset lastfm --data-dir $DATA output_dir=$RUNS llm.backbone=$BACKBONE llm.train_samples=$SAMPLES
   llm.epochs=1 llm.batch_size=32 llm.grad_accum=1 llm.lr=1e-3 llm.projector_lr=1e-3 llm.checkpoint_every=100
-  llm.log_every=10 llm.eval_batch_size=32 $EXTRA"
+  llm.log_every=10 llm.eval_batch_size=32 $EXTRA_RUN"
 run() {  # run NAME ARGS...: one training + evaluation, in the background, logged to RUNS/logs/NAME.log
   local name=$1; shift
   stamp "start $name"
