@@ -1,22 +1,27 @@
 """Training throughput of an LLM backbone against the matmul peak of the same machine, measured in one run.
 
-    .venv/bin/python benchmarks/train_throughput.py                  # smollm2-135m, batch 4 x 256 tokens, 3 steps
+    .venv/bin/python benchmarks/train_throughput.py                  # smollm2-135m, batch 4 x 256 tokens, 3 rounds
     .venv/bin/python benchmarks/train_throughput.py --threads 1 --batch 1 --seq 32 --steps 1 --matmul-size 512
 
-Two measurements in the same process with the same torch thread count:
+Measured in the same process with the same torch thread count:
 
 1. The matmul peak: a square ``--matmul-size`` matmul (2 n^3 FLOPs), best of ``--repeats`` timed runs after a
    warm-up (fewer once they have taken 10 s), in bf16 (the issue's reference) and in fp32. On a CPU without
    avx512_bf16/AMX bf16 is emulated and fp32 is the fast path, so both are printed and the training rate is
    compared with each; there the bf16 ratio is far above 1 and says nothing about the training loop.
 2. Training tokens/s of the backbone with the LLM recipe's settings (:mod:`recadapt.train.llm`): the same PEFT
-   ``LoraConfig`` (``LLMConfig`` defaults: r=8, alpha=32, dropout 0.1 on q,k,v,o,gate,up,down), AdamW over the LoRA
-   weights, gradient clipping, forward + backward + optimizer step on random token batches of ``--batch`` x
-   ``--seq`` (no padding), under the precision the recipe picks (``select_precision``: bf16 autocast only where
-   the device runs bf16 natively, else fp32) or the one forced with ``--precision``. Two label layouts, run one
-   after the other on the same model: the recipe's (only the last ``--answer-tokens`` tokens are labels, and
-   ``answer_loss`` runs the vocabulary projection at those positions only) and plain LM training (every token a
-   label, the full projection and softmax). One untimed warm-up step each, then ``--steps`` timed steps.
+   LoRA (``with_lora`` with ``LLMConfig`` defaults: r=8, alpha=32, dropout 0.1 on q,k,v,o,gate,up,down, the
+   dropout a :class:`~recadapt.adapters.dropout.FastDropout`), AdamW over the LoRA weights, gradient clipping,
+   forward + backward + optimizer step on random token batches of ``--batch`` x ``--seq`` (no padding), under
+   the precision the recipe picks (``select_precision``: bf16 autocast only where the device runs bf16 natively,
+   else fp32) or the one forced with ``--precision``. Three configurations of the same model:
+   - the recipe's (only the last ``--answer-tokens`` tokens are labels, and ``answer_loss`` runs the vocabulary
+     projection at those positions only);
+   - plain LM training (every token a label, the full projection and softmax);
+   - the recipe's with PEFT's own ``nn.Dropout`` in place of ``FastDropout`` (what the cheaper mask buys).
+   One untimed warm-up round, then ``--steps`` rounds; each round times one fp32 reference matmul and then one
+   step of each configuration in turn, so a slow spell of a shared machine falls on all of them alike. The
+   ratio to the matmuls timed between the steps (medians of both) is the one that cancels such drift.
 
 Model FLOP/s is counted as the issue asks: 6 x N x tokens/s, N = all parameters of the backbone (embeddings
 included; tied embeddings counted once, as the output projection's matmul). This is an upper bound on the work
@@ -42,7 +47,9 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from torch import Tensor, nn
 
+from recadapt.adapters.dropout import FastDropout
 from recadapt.llm import load_backbone
 from recadapt.llm.prompts import IGNORE_INDEX
 from recadapt.train.config import LLMConfig
@@ -83,51 +90,51 @@ def matmul_flops(
     return flops / min(seconds), flops / statistics.median(seconds), len(seconds)
 
 
-def train_steps(
-    model: torch.nn.Module,
+def set_lora_dropout(model: nn.Module, kind: type[nn.Module]) -> None:
+    """Every LoRA dropout of a PEFT model as ``kind`` (FastDropout or nn.Dropout) with the same ``p``."""
+    for module in model.modules():
+        container = getattr(module, "lora_dropout", None)
+        if isinstance(container, nn.ModuleDict):
+            for key, dropout in container.items():
+                if isinstance(dropout, nn.Dropout | FastDropout):
+                    container[key] = kind(dropout.p)
+
+
+def train_step(
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    trainable: list[torch.nn.Parameter],
+    trainable: list[nn.Parameter],
+    input_ids: Tensor,
     *,
-    batch: int,
-    seq: int,
-    steps: int,
-    vocab_size: int,
     autocast: AbstractContextManager[Any] | None,
     max_grad_norm: float,
     device: torch.device,
     answer_tokens: int = 0,
-) -> tuple[list[float], float]:
-    """Seconds of each of ``steps`` timed training steps (after one untimed warm-up) and the last loss.
+) -> tuple[float, float]:
+    """Seconds of one training step (forward, backward, clipping, optimizer) on ``input_ids``, and its loss.
 
     ``answer_tokens`` 0: every position is a label (plain LM training, the model's own loss); N > 0: only the last
     N tokens of each row are labels and the recipe's :func:`~recadapt.train.llm.answer_loss` runs the output
     layer at those positions only, as recommendation training does (a short answer after a long prompt).
     """
-    generator = torch.Generator().manual_seed(0)
-    seconds: list[float] = []
-    loss_value = float("nan")
     model.train()
-    for step in range(steps + 1):
-        input_ids = torch.randint(0, vocab_size, (batch, seq), generator=generator).to(device)
-        attention_mask = torch.ones_like(input_ids)
-        _sync(device)
-        start = time.perf_counter()
-        with autocast if autocast is not None else nullcontext():
-            if answer_tokens:
-                labels = torch.full_like(input_ids, IGNORE_INDEX)
-                labels[:, -answer_tokens:] = input_ids[:, -answer_tokens:]
-                loss = answer_loss(model, labels, input_ids=input_ids, attention_mask=attention_mask)
-            else:
-                loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss
-        loss.backward()
-        if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = float(loss.detach())  # also waits for the device
-        if step > 0:  # step 0 is the warm-up
-            seconds.append(time.perf_counter() - start)
-    return seconds, loss_value
+    attention_mask = torch.ones_like(input_ids)
+    _sync(device)
+    start = time.perf_counter()
+    with autocast if autocast is not None else nullcontext():
+        if answer_tokens:
+            labels = torch.full_like(input_ids, IGNORE_INDEX)
+            labels[:, -answer_tokens:] = input_ids[:, -answer_tokens:]
+            loss = answer_loss(model, labels, input_ids=input_ids, attention_mask=attention_mask)
+        else:
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss
+    loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss_value = float(loss.detach())  # also waits for the device
+    return time.perf_counter() - start, loss_value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,7 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence")
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps (after 1 warm-up)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="timed rounds (after 1 warm-up round): one step of each configuration per round",
+    )
     parser.add_argument(
         "--precision",
         choices=sorted(PRECISION_CHOICES),
@@ -191,24 +203,51 @@ def main(argv: list[str] | None = None) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=llm.lr, weight_decay=llm.weight_decay)
     vocab_size = int(backbone.model.config.get_text_config().vocab_size)
-    runs = {}
-    for name, answer_tokens in (
-        (f"recipe: loss on the last {args.answer_tokens} tokens", args.answer_tokens),
-        ("every position labelled", 0),
-    ):
-        runs[name] = train_steps(
-            model,
-            optimizer,
-            trainable,
-            batch=args.batch,
-            seq=args.seq,
-            steps=args.steps,
-            vocab_size=vocab_size,
-            autocast=autocast,
-            max_grad_norm=llm.max_grad_norm,
-            device=device,
-            answer_tokens=answer_tokens,
-        )
+    # the fp32 reference once more between the training steps: the rate this shared machine gives right then
+    generator = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(args.matmul_size, args.matmul_size, generator=generator, device=device) for _ in "ab")
+    interleaved: list[float] = []
+
+    def probe() -> None:
+        """One warm-up matmul (the training step has just evicted its operands from the caches), then the
+        best of two timed ones."""
+        torch.mm(a, b)
+        seconds = []
+        for _ in range(2):
+            _sync(device)
+            start = time.perf_counter()
+            torch.mm(a, b)
+            _sync(device)
+            seconds.append(time.perf_counter() - start)
+        interleaved.append(2.0 * args.matmul_size**3 / min(seconds))
+
+    configurations = {  # name: (answer tokens, LoRA dropout)
+        f"recipe: loss on the last {args.answer_tokens} tokens": (args.answer_tokens, FastDropout),
+        "every position labelled": (0, FastDropout),
+        "recipe, but torch's nn.Dropout (PEFT's own)": (args.answer_tokens, nn.Dropout),
+    }
+    runs: dict[str, tuple[list[float], float]] = {name: ([], float("nan")) for name in configurations}
+    batches = torch.Generator().manual_seed(0)
+    # round 0 warms every configuration up untimed; then each round times one step of each, in turn, after one
+    # reference matmul, so a slow spell of this shared machine falls on all of them alike
+    for round_index in range(args.steps + 1):
+        if round_index > 0:
+            probe()
+        for name, (answer_tokens, dropout) in configurations.items():
+            set_lora_dropout(model, dropout)
+            input_ids = torch.randint(0, vocab_size, (args.batch, args.seq), generator=batches).to(device)
+            seconds, loss = train_step(
+                model,
+                optimizer,
+                trainable,
+                input_ids,
+                autocast=autocast,
+                max_grad_norm=llm.max_grad_norm,
+                device=device,
+                answer_tokens=answer_tokens,
+            )
+            if round_index > 0:
+                runs[name] = ([*runs[name][0], seconds], loss)
 
     tokens_per_step = args.batch * args.seq
     n_trainable = sum(p.numel() for p in trainable)
@@ -233,6 +272,11 @@ def main(argv: list[str] | None = None) -> None:
             f"matmul {args.matmul_size}x{args.matmul_size} {dtype_label} ({repeats} run{'s' * (repeats > 1)})"
         )
         print(f"{name:<34}{best / 1e12:>14.4f}{median / 1e12:>16.4f}")
+    median_interleaved = statistics.median(interleaved)
+    print(
+        f"{f'matmul fp32 between the steps ({len(interleaved)} runs)':<34}{max(interleaved) / 1e12:>14.4f}"
+        f"{median_interleaved / 1e12:>16.4f}"
+    )
     for name, (seconds, loss) in runs.items():
         tokens_per_second = tokens_per_step * len(seconds) / sum(seconds)
         model_flops = 6.0 * n_params * tokens_per_second
@@ -247,8 +291,14 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"  ratio train/bf16-matmul = {model_flops / matmul['bf16'][0]:.2f}   (target >= 0.8)")
         print(f"  ratio train/fp32-matmul = {model_flops / matmul['fp32'][0]:.2f}")
-    (recipe, _), (full, _) = runs.values()
+        median_step_flops = 6.0 * n_params * tokens_per_step / statistics.median(seconds)
+        print(
+            f"  ratio train/fp32-matmul, medians of steps and of the matmuls between them = "
+            f"{median_step_flops / median_interleaved:.2f}"
+        )
+    (recipe, _), (full, _), (torch_dropout, _) = runs.values()
     print(f"recipe / every-position tokens/s = {sum(full) / sum(recipe):.2f}")
+    print(f"FastDropout / nn.Dropout tokens/s = {sum(torch_dropout) / sum(recipe):.2f}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from recadapt.llm.prompts import (
     build_ctr_prompt,
     build_next_item_prompt,
     ctr_answer,
+    describe_item,
     load_templates,
     parse_templates,
     pick_template_index,
@@ -357,3 +358,24 @@ def test_real_smollm2_tokenizer_applies_its_chat_template_and_labels_the_answer(
     rows, cols = batch.item_positions.unbind(1)
     assert (batch.input_ids[rows, cols] == encoder.item_token_id).all()
     assert encoder.item_token_id == len(tokenizer) - 1
+
+
+def test_items_are_described_with_their_tags_as_the_domain_writes_them(tmp_path: Path) -> None:
+    assert describe_item("Morcheeba", ["trip-hop", "chillout"], "artist") == "Morcheeba (trip-hop, chillout)"
+    assert describe_item("Morcheeba", [], "artist") == "Morcheeba"
+
+    def custom(data: dict[str, Any]) -> None:
+        data["item_described"] = "{title} [{tags}]"
+        data["tag_separator"] = "/"
+
+    _write_templates(tmp_path, custom)
+    movie = load_templates("movie", directory=tmp_path)
+    assert describe_item("Heat", ["Action", "Crime"], movie) == "Heat [Action/Crime]"
+
+    def missing_tags(data: dict[str, Any]) -> None:
+        data["item_described"] = "{title}"
+
+    path = _write_templates(tmp_path, missing_tags)
+    with pytest.raises(ConfigError, match="item_described.*{tags}") as caught:
+        load_templates("movie", directory=tmp_path)
+    assert str(path) in str(caught.value)

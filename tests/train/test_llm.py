@@ -612,3 +612,30 @@ def test_fingerprint_ignores_fields_at_their_defaults() -> None:
     assert older_rule(("init_lora_from",)) in accepted
     assert older_rule(("init_lora_from", "history", "retrieval_dim")) in accepted
     assert older_rule(("init_lora_from", "history")) not in accepted
+
+
+def test_item_tags_describe_prompt_items_while_answers_stay_titles(shared_data: Path, tmp_path: Path) -> None:
+    from recadapt.data.store import ensure_prepared
+    from recadapt.train.llm import PromptFactory, item_tag_lists
+
+    prepared = ensure_prepared("lastfm", "next-item", data_root=shared_data, out_root=tmp_path)
+    plain = PromptFactory(prepared, "test", "artist", history_len=10)
+    tagged = PromptFactory(prepared, "test", "artist", history_len=10, item_tags=2)
+    tags = item_tag_lists(prepared.items, prepared.n_items)
+    for row in range(3):
+        text = tagged.prompt(row).text
+        for item in [*tagged.histories[row], *tagged.candidates[row]]:
+            assert f"{plain.titles[item]} ({', '.join(tags[item][:2])})" in text
+        assert plain.prompt(row).text.count("(") < text.count("(")
+        assert tagged.answer(row) == plain.answer(row) == plain.titles[plain.targets[row]]
+        assert tagged.prompt(row, hybrid=True).item_ids == plain.prompt(row, hybrid=True).item_ids
+
+
+def test_item_tags_need_a_tags_or_genres_column(workdir: Path) -> None:
+    from recadapt.data.store import ensure_prepared
+    from recadapt.train.llm import PromptFactory
+
+    prepared = ensure_prepared(f"recbole:{FIXTURE}", "next-item", out_root=workdir / "prepared")
+    prepared.items = prepared.items.drop(columns=["tags", "genres"], errors="ignore")
+    with pytest.raises(ConfigError, match="llm.item_tags"):
+        PromptFactory(prepared, "train", "item", history_len=10, item_tags=3)

@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from recadapt.adapters.dropout import FastDropout
+
 
 def default_targets() -> list[str]:
     """Every attention and MLP projection of a Llama-style decoder (LLaRA/iLoRA's choice)."""
@@ -115,7 +117,7 @@ class AdapterLayer(nn.Module):
         self.out_features = base_layer.out_features
         self.r = config.r
         self.scaling = config.scaling
-        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout: nn.Module = FastDropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def new_parameter(self, *shape: int) -> nn.Parameter:
         """An uninitialised parameter on the base layer's device, in the adapter dtype."""

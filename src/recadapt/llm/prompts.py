@@ -89,6 +89,9 @@ class DomainTemplates:
     source: str
     next_item: NextItemTemplates
     ctr: CtrTemplates
+    # how an item is written when its tags are shown (``llm.item_tags`` > 0); optional keys of the file
+    item_described: str = "{title} ({tags})"
+    tag_separator: str = ", "
 
 
 # For every template string: (required fields, allowed fields). Plain strings (separators, answers) are not listed.
@@ -102,6 +105,7 @@ _CTR_FIELDS: dict[str, tuple[set[str], set[str]]] = {
     "item_unrated": ({"title"}, {"index", "title"}),
 }
 _PROFILE_FIELDS = ({"value"}, {"value"})
+_DESCRIBED_FIELDS = ({"title", "tags"}, {"title", "tags"})
 _CTR_PLAIN = ("separator", "answer_yes", "answer_no")
 
 
@@ -156,7 +160,7 @@ def parse_templates(data: Any, *, source: str, domain: str) -> DomainTemplates:
     Every template string must use its required fields and no others, so a typo such as ``{histroy}`` fails
     here, naming ``source`` and the key, instead of at the first training step.
     """
-    root = _mapping(data, source, None, {"next_item", "ctr"})
+    root = _mapping(data, source, None, {"next_item", "ctr"}, optional={"item_described", "tag_separator"})
     next_raw = _mapping(root["next_item"], source, "next_item", {"templates", "separator"})
     raw_templates = next_raw["templates"]
     if not isinstance(raw_templates, list) or not raw_templates:
@@ -196,22 +200,33 @@ def parse_templates(data: Any, *, source: str, domain: str) -> DomainTemplates:
         profile=MappingProxyType(profile),  # read-only: loaded templates are cached and shared
         profile_values=MappingProxyType({k: MappingProxyType(v) for k, v in profile_values.items()}),
     )
-    return DomainTemplates(domain=domain, source=source, next_item=next_item, ctr=ctr)
+    described = {}
+    if "item_described" in root:
+        described["item_described"] = _template(
+            root["item_described"], source, "item_described", *_DESCRIBED_FIELDS
+        )
+    if "tag_separator" in root:
+        described["tag_separator"] = _plain(root["tag_separator"], source, "tag_separator")
+    return DomainTemplates(domain=domain, source=source, next_item=next_item, ctr=ctr, **described)
 
 
-def _mapping(value: Any, source: str, key: str | None, required: set[str] | None) -> dict[Any, Any]:
-    """``value`` as a dict; with ``required``, exactly those keys (unknown keys are typos, so they fail too)."""
+def _mapping(
+    value: Any, source: str, key: str | None, required: set[str] | None, optional: set[str] | None = None
+) -> dict[Any, Any]:
+    """``value`` as a dict; with ``required``, exactly those keys plus any of ``optional`` (unknown keys are
+    typos, so they fail too)."""
     if not isinstance(value, dict):
         raise ConfigError(source, key, f"must be a mapping, got {type(value).__name__}")
     if required is not None:
+        known = required | (optional or set())
         prefix = f"{key}." if key else ""
         missing = sorted(required - set(value))
-        unknown = sorted(str(k) for k in set(value) - required)
+        unknown = sorted(str(k) for k in set(value) - known)
         if missing:
             also = f" (unknown keys here: {', '.join(unknown)})" if unknown else ""
             raise ConfigError(source, prefix + missing[0], "is missing" + also)
         if unknown:
-            raise ConfigError(source, prefix + unknown[0], f"is not a known key; known: {sorted(required)}")
+            raise ConfigError(source, prefix + unknown[0], f"is not a known key; known: {sorted(known)}")
     return value
 
 
@@ -267,6 +282,15 @@ def pick_template_index(n_templates: int, *, seed: int, sample_index: int, epoch
         raise ValueError(f"n_templates must be >= 1, got {n_templates}")
     rng = np.random.default_rng([seed, epoch, sample_index])
     return int(rng.integers(n_templates))
+
+
+def describe_item(title: str, tags: Sequence[str], domain: str | DomainTemplates) -> str:
+    """``title`` with its ``tags`` as the domain writes them (default ``Title (tag, tag)``); the bare title when
+    there are none. Prompts show described items; answers and ranked candidates stay bare titles."""
+    if not tags:
+        return title
+    templates = load_templates(domain)
+    return templates.item_described.format(title=title, tags=templates.tag_separator.join(tags))
 
 
 def build_next_item_prompt(

@@ -75,6 +75,7 @@ class LLMConfig:
     dtype: str | None = None  # weight dtype; None: fp32 on CPU, bf16 (fp16 without bf16) on CUDA
     precision: str = "auto"  # autocast bf16|fp16|no; auto: bf16 where the device runs it natively, else no
     domain: str = "auto"  # prompt templates (movie, artist, game, item); auto: from the dataset name
+    item_tags: int = 0  # tags (LastFM) or genres (ml-100k) after each item name in prompts; 0: names only
     lora_r: int = 8
     lora_alpha: int = 32
     lora_dropout: float = 0.1
@@ -150,6 +151,8 @@ class LLMConfig:
             raise ConfigError(
                 "config", "llm.history", f"must be one of {HISTORY_VIEWS}, got {self.history!r}"
             )
+        if self.item_tags < 0:
+            raise ConfigError("config", "llm.item_tags", f"must be >= 0, got {self.item_tags}")
         if self.retrieval_dim < 1:
             raise ConfigError("config", "llm.retrieval_dim", f"must be >= 1, got {self.retrieval_dim}")
         if self.cond_history_len < 0:

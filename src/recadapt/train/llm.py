@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from recadapt.adapters.dropout import use_fast_dropout
 from recadapt.data.prepare import Prepared
 from recadapt.data.store import ensure_prepared
 from recadapt.errors import ConfigError, NonFiniteLossError
@@ -51,6 +52,7 @@ from recadapt.llm.prompts import (
     build_ctr_prompt,
     build_next_item_prompt,
     ctr_answer,
+    describe_item,
     load_templates,
     pick_template_index,
 )
@@ -279,13 +281,22 @@ class PromptFactory:
     so a long sample fits the token budget.
     """
 
-    def __init__(self, prepared: Prepared, part: str, domain: str, history_len: int) -> None:
+    def __init__(
+        self, prepared: Prepared, part: str, domain: str, history_len: int, item_tags: int = 0
+    ) -> None:
         self.protocol, self.part = prepared.protocol, part
         if self.protocol not in ("next-item", "ctr"):
             raise ValueError(f"LLM prompts exist for next-item and ctr, not {self.protocol}")
         self.domain = load_templates(domain)
         self.frame = prepared.parts[part].reset_index(drop=True)
         self.titles = item_titles(prepared.items, prepared.n_items)
+        # how prompts write each item: the title, with up to item_tags tags when asked; answers stay titles
+        self.names = self.titles
+        if item_tags:
+            tags = item_tag_lists(prepared.items, prepared.n_items, str(prepared.manifest.get("dataset", "")))
+            self.names = [
+                describe_item(t, g[:item_tags], self.domain) for t, g in zip(self.titles, tags, strict=True)
+            ]
         self.history_len = history_len
         self.n_templates = len(self.domain.next_item.templates)
         self.users = self.frame["user_id"].to_numpy(np.int64)
@@ -346,12 +357,12 @@ class PromptFactory:
         history, ratings = self.view(row, retrieved)
         keep = len(history) if n_history is None else n_history
         history = history[len(history) - keep :]
-        history_titles = [self.titles[i] for i in history]
+        history_titles = [self.names[i] for i in history]
         if self.protocol == "next-item":
             candidates = self.candidates[row]
             return build_next_item_prompt(
                 history_titles,
-                [self.titles[i] for i in candidates],
+                [self.names[i] for i in candidates],
                 self.domain,
                 template,
                 hybrid,
@@ -361,7 +372,7 @@ class PromptFactory:
         assert ratings is not None
         return build_ctr_prompt(
             history_titles,
-            self.titles[self.targets[row]],
+            self.names[self.targets[row]],
             self.domain,
             history_ratings=ratings[len(ratings) - keep :].tolist(),
             profile=self.profiles.get(int(self.users[row])),
@@ -392,6 +403,23 @@ def item_titles(items: pd.DataFrame, n_items: int) -> list[str]:
         text = str(title).strip() if isinstance(title, str) else ""
         titles[int(item_id)] = text or f"item {source}"
     return titles
+
+
+def item_tag_lists(items: pd.DataFrame, n_items: int, dataset: str = "") -> list[list[str]]:
+    """Each item's tags (the items table's ``tags`` column, else ``genres``; '|' joined, most telling first),
+    indexed by item id. Raises ``ConfigError`` on ``llm.item_tags`` when the table has neither."""
+    column = next((c for c in ("tags", "genres") if c in items), None)
+    if column is None:
+        raise ConfigError(
+            "config",
+            "llm.item_tags",
+            f"the {dataset or 'dataset'} items have no tags or genres column to show",
+        )
+    lists: list[list[str]] = [[] for _ in range(n_items)]
+    for item_id, text in zip(items["item_id"], items[column], strict=True):
+        if isinstance(text, str) and text.strip():
+            lists[int(item_id)] = [t.strip() for t in text.split("|") if t.strip()]
+    return lists
 
 
 def encode_fitted(
@@ -444,9 +472,11 @@ def with_lora(backbone_model: nn.Module, llm: LLMConfig) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(backbone_model, lora)
+        model = get_peft_model(backbone_model, lora)
     except ValueError as err:  # e.g. a target module the backbone does not have
         raise ConfigError("config", "llm.lora_target_modules", str(err)) from err
+    use_fast_dropout(model)  # same distribution, a third of the cost on CPU (recadapt.adapters.dropout)
+    return model
 
 
 @dataclass
@@ -957,7 +987,7 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
     )
 
     started = time.time()
-    train_factory = PromptFactory(prepared, "train", domain, tc.max_len)
+    train_factory = PromptFactory(prepared, "train", domain, tc.max_len, llm.item_tags)
     if item_vectors is not None:
         _set_retrieval(train_factory, item_vectors)
     subset = training_rows(prepared.parts["train"], data.protocol, llm.train_samples, data.split_seed)
@@ -1111,7 +1141,7 @@ def _evaluate_part(
         else None
     )
     domain = resolve_domain(config.data.dataset, llm.domain)
-    factory = PromptFactory(prepared, part, domain, config.train.max_len)
+    factory = PromptFactory(prepared, part, domain, config.train.max_len, llm.item_tags)
     if item_vectors is not None:  # ReLLa evaluates on the retrieved view (recent, mixed: trained on both)
         _set_retrieval(factory, item_vectors)
     rows = evaluation_rows(len(factory), llm.eval_samples, config.data.split_seed)
