@@ -20,11 +20,11 @@ import pytest
 import torch
 from kill_at_step import KILLER
 from safetensors.torch import load_file
-from tiny_llm import byte_tokenizer, save_tiny_backbone
+from tiny_llm import byte_tokenizer, save_tiny_backbone, tiny_llama
 
 from recadapt.cli import main
 from recadapt.errors import ConfigError
-from recadapt.train.config import load_config
+from recadapt.train.config import LLMConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "fixtures" / "recbole" / "patterns" / "patterns"
@@ -250,6 +250,40 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(workdir: Path) -> None
     a = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
     b = load_file(str(straight_dir / "final" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_gives_the_same_training(workdir: Path) -> None:
+    extra = ("llm.lora_dropout=0.3", "llm.eval_modes=[score]")
+    assert main(_args(workdir, "tallrec", "plain-grad", *extra)) == 0
+    assert main(_args(workdir, "tallrec", "ckpt-grad", *extra, "llm.gradient_checkpointing=true")) == 0
+    plain_dir, ckpt_dir = workdir / "runs" / "plain-grad", workdir / "runs" / "ckpt-grad"
+    plain_losses = [float(row["train/loss"]) for row in _log(plain_dir)]
+    ckpt_losses = [float(row["train/loss"]) for row in _log(ckpt_dir)]
+    assert len(plain_losses) == 8
+    # the recomputation replays the dropout masks (RNG state restored), so only float reassociation may differ
+    np.testing.assert_allclose(ckpt_losses, plain_losses, rtol=1e-5)
+    a = load_file(str(plain_dir / "final" / "adapter_model.safetensors"))
+    b = load_file(str(ckpt_dir / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    with pytest.raises(ConfigError, match="llm.gradient_checkpointing"):
+        LLMConfig(adapter="moe-lora", gradient_checkpointing=True)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradient_checkpointing_recomputes_each_layer_in_the_backward(checkpointing: bool) -> None:
+    from recadapt.train.llm import enable_gradient_checkpointing, with_lora
+
+    model = with_lora(tiny_llama(64), LLMConfig())
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    calls = []
+    # a module inside the layer, hooked on entry: the recomputation runs the layer's body again (not its hooked
+    # __call__) and stops as soon as it has what the backward needs, possibly before the module returns
+    model.get_base_model().model.layers[1].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    model.train()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == (2 if checkpointing else 1)
 
 
 def test_llara_injects_projected_crm_embeddings(workdir: Path, monkeypatch, capsys) -> None:

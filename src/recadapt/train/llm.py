@@ -618,6 +618,17 @@ def _adapter_config(llm: LLMConfig, cond_dim: int) -> Any:
         raise ConfigError("config", "llm.adapter_options", str(err)) from err
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Transformers' activation checkpointing on every decoder layer, non-reentrant (so the frozen embeddings need
+    no ``requires_grad`` trick, and hybrid ``inputs_embeds`` work). torch.utils.checkpoint restores the RNG state
+    for the recomputation, so dropout masks, hence losses and gradients, are those of a run without it."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def attach_adapter(backbone_model: nn.Module, llm: LLMConfig, cond_dim: int = 0) -> nn.Module:
     """The backbone with the configured adapter: PEFT's LoRA for ``lora``, else a :mod:`recadapt.adapters` kind
     (an :class:`~recadapt.adapters.AdaptedModel`, called with ``cond=``)."""
@@ -1266,6 +1277,8 @@ def _train(
     seed, run_dir = config.train.seed, config.run_dir
     ckpt_dir = run_dir / CHECKPOINT_DIR
     adapted = attach_adapter(backbone_model, llm, cond_source.dim if cond_source else 0)
+    if llm.gradient_checkpointing:
+        enable_gradient_checkpointing(adapted)
     if isinstance(adapted, AdaptedModel):  # adapter weights at lr, a gate / conditioner at its own scale
         groups = adapted.param_groups(llm.lr)
     else:
