@@ -49,7 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from torch import Tensor, nn
 
-from recadapt.adapters.dropout import FastDropout
+from recadapt.adapters.dropout import FastDropout, set_lora_dropout
 from recadapt.llm import load_backbone
 from recadapt.llm.prompts import IGNORE_INDEX
 from recadapt.train.config import LLMConfig
@@ -88,16 +88,6 @@ def matmul_flops(
         seconds.append(time.perf_counter() - start)
     flops = 2.0 * size**3
     return flops / min(seconds), flops / statistics.median(seconds), len(seconds)
-
-
-def set_lora_dropout(model: nn.Module, kind: type[nn.Module]) -> None:
-    """Every LoRA dropout of a PEFT model as ``kind`` (FastDropout or nn.Dropout) with the same ``p``."""
-    for module in model.modules():
-        container = getattr(module, "lora_dropout", None)
-        if isinstance(container, nn.ModuleDict):
-            for key, dropout in container.items():
-                if isinstance(dropout, nn.Dropout | FastDropout):
-                    container[key] = kind(dropout.p)
 
 
 def train_step(

@@ -8,7 +8,7 @@ from tiny_llm import tiny_llama
 from torch import nn
 
 from recadapt.adapters import LoRAConfig, attach_adapters
-from recadapt.adapters.dropout import FastDropout, _uniform_int16, dropout_threshold, use_fast_dropout
+from recadapt.adapters.dropout import FastDropout, _uniform_int16, dropout_threshold, set_lora_dropout
 from recadapt.train.config import LLMConfig
 from recadapt.train.llm import with_lora
 
@@ -73,8 +73,9 @@ def test_peft_lora_and_recadapt_adapters_use_it() -> None:
         m for name, m in peft_model.named_modules() if name.split(".")[-2:-1] == ["lora_dropout"]
     ]
     assert peft_dropouts and all(isinstance(m, FastDropout) and m.p == 0.1 for m in peft_dropouts)
-    assert use_fast_dropout(peft_model) == 0  # nothing left to replace
-    assert not any(type(m) is nn.Dropout for m in peft_model.modules() if m in peft_dropouts)
+    assert set_lora_dropout(peft_model, nn.Dropout) == len(peft_dropouts)  # back to PEFT's own, same p
+    restored = [m for name, m in peft_model.named_modules() if name.split(".")[-2:-1] == ["lora_dropout"]]
+    assert all(type(m) is nn.Dropout and m.p == 0.1 for m in restored)
 
     adapted = attach_adapters(tiny_llama(64), LoRAConfig(r=2, dropout=0.2))
     layer_dropouts = [m.dropout for m in adapted.modules() if hasattr(m, "lora_A") and hasattr(m, "dropout")]

@@ -12,6 +12,8 @@ sampling cheap, it is ``nn.functional.dropout``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -59,17 +61,17 @@ class FastDropout(nn.Module):
         return f"p={self.p}"
 
 
-def use_fast_dropout(model: nn.Module) -> int:
-    """Replace every ``nn.Dropout`` under a ``lora_dropout`` container (PEFT's LoRA layers) with
-    :class:`FastDropout` of the same ``p``; returns how many were replaced. The backbone's own dropout modules
-    (attention dropout, usually 0) are left alone."""
+def set_lora_dropout(model: nn.Module, kind: Callable[[float], nn.Module] = FastDropout) -> int:
+    """Make every dropout under a ``lora_dropout`` container (PEFT's LoRA layers) ``kind(p)`` with its own ``p``
+    (``FastDropout`` by default; ``nn.Dropout`` restores PEFT's); returns how many were set. The backbone's own
+    dropout modules (attention dropout, usually 0) are left alone."""
     replaced = 0
     for module in model.modules():
         container = getattr(module, "lora_dropout", None)
         if not isinstance(container, nn.ModuleDict):
             continue
         for name, dropout in container.items():
-            if isinstance(dropout, nn.Dropout):
-                container[name] = FastDropout(dropout.p)
+            if isinstance(dropout, nn.Dropout | FastDropout):
+                container[name] = kind(dropout.p)
                 replaced += 1
     return replaced

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from recadapt.adapters.dropout import use_fast_dropout
+from recadapt.adapters.dropout import set_lora_dropout
 from recadapt.data.prepare import Prepared
 from recadapt.data.store import ensure_prepared
 from recadapt.errors import ConfigError, NonFiniteLossError
@@ -475,7 +475,7 @@ def with_lora(backbone_model: nn.Module, llm: LLMConfig) -> nn.Module:
         model = get_peft_model(backbone_model, lora)
     except ValueError as err:  # e.g. a target module the backbone does not have
         raise ConfigError("config", "llm.lora_target_modules", str(err)) from err
-    use_fast_dropout(model)  # same distribution, a third of the cost on CPU (recadapt.adapters.dropout)
+    set_lora_dropout(model)  # FastDropout: same distribution, a third of the cost on CPU
     return model
 
 
@@ -622,11 +622,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Transformers' activation checkpointing on every decoder layer, non-reentrant (so the frozen embeddings need
     no ``requires_grad`` trick, and hybrid ``inputs_embeds`` work). torch.utils.checkpoint restores the RNG state
     for the recomputation, so dropout masks, hence losses and gradients, are those of a run without it."""
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def attach_adapter(backbone_model: nn.Module, llm: LLMConfig, cond_dim: int = 0) -> nn.Module:
