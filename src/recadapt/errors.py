@@ -38,3 +38,12 @@ class NonFiniteLossError(RuntimeError):
 
 class BackboneError(OSError):
     """A backbone could not be found or loaded; the message says what to install or check."""
+
+
+class RunDirBusyError(RuntimeError):
+    """Another live process holds the run directory's lock (see :mod:`recadapt.train.runlock`)."""
+
+
+class CheckpointError(RuntimeError):
+    """A run's checkpoint cannot be read (damaged or not recadapt's); the message names the file and says
+    that ``--restart`` starts the run over."""

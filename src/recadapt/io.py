@@ -36,11 +36,39 @@ def fresh_dir(parent: Path, prefix: str) -> Path:
         return path
 
 
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths in one atomic step
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the directories ``a`` and ``b`` (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or file system cannot, so the caller falls back to two renames."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library without renameat2
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    done = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return done == 0
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Make ``src`` appear at ``dst``: the old ``dst`` is renamed aside first (a non-empty directory cannot be
-    replaced by rename), then deleted; if the second rename fails the old ``dst`` is put back."""
+    """Make ``src`` appear at ``dst`` so that ``dst`` always holds either the old or the new directory.
+
+    Where the file system can, the two are swapped in one atomic step and the old one deleted. Elsewhere the old
+    ``dst`` is renamed aside (a non-empty directory cannot be replaced by rename) before ``src`` takes its place;
+    a crash between the two renames leaves the old one in ``.NAME.old-*/NAME``, which
+    :func:`recover_interrupted` puts back.
+    """
     if not dst.exists():
         os.replace(src, dst)
+        return
+    if _exchange(src, dst):
+        shutil.rmtree(src, ignore_errors=True)  # src now holds the old directory
         return
     aside = fresh_dir(dst.parent, f".{dst.name}.old-")
     os.replace(dst, aside / dst.name)
@@ -51,6 +79,29 @@ def replace_dir(src: Path, dst: Path) -> None:
         aside.rmdir()
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover_interrupted(parent: Path) -> list[str]:
+    """Clean up after a process killed inside :func:`atomic_directory` or :func:`write_text_atomic` under
+    ``parent``: put back an output that a crash between two renames left aside, and delete half-written
+    temporaries. Only for a directory this process owns (a run directory under its lock). Returns what it did."""
+    done: list[str] = []
+    parent = Path(parent)
+    if not parent.is_dir():
+        return done
+    for aside in sorted(parent.glob(".*.old-*")):
+        name = aside.name[1:].rsplit(".old-", 1)[0]
+        if (aside / name).exists() and not (parent / name).exists():
+            os.replace(aside / name, parent / name)
+            done.append(f"restored {parent / name} from {aside.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+    for tmp in sorted(parent.glob(".*.tmp-*")):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        done.append(f"removed the unfinished {tmp.name}")
+    return done
 
 
 @contextmanager

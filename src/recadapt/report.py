@@ -132,7 +132,10 @@ def _markdown(rows: list[dict[str, Any]], title: str) -> str:
                 cells = []
                 for m in metrics:
                     e = row[m]["per_seed"][i]
-                    cells.append(_cell(e["value"], f"{e['value']:.4f} [{e['low']:.4f}, {e['high']:.4f}]"))
+                    text = _cell(e["value"], f"{e['value']:.4f} [{e['low']:.4f}, {e['high']:.4f}]")
+                    if e.get("note"):  # why a value is undefined, or its interval from fewer resamples
+                        text = f"{'undefined' if text == '—' else text} ({e['note']})"
+                    cells.append(text)
                 out.append(f"| {row['model']} | {seed} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

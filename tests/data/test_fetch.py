@@ -125,3 +125,36 @@ def test_pinned_hashes_match_the_shared_copy(shared_data: Path) -> None:
     provenance = (shared_data / "ml-100k" / "PROVENANCE.md").read_text("utf-8")
     for name, digest in ML100K_SHA256.items():
         assert f"| {name} |" in provenance and digest in provenance
+
+
+class _NetworkDown:
+    """Stands in for ``urlopen``: the connection opens, then reading fails as a dropped network does."""
+
+    headers: dict[str, str] = {}
+
+    def __enter__(self) -> _NetworkDown:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def read(self, size: int) -> bytes:
+        raise OSError(101, "Network is unreachable")
+
+
+@pytest.mark.parametrize("failure", ["refused", "read"])
+def test_offline_fetch_fails_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """Offline, the CLI prints the error as one line: an OSError naming the URL, the reason and the way out."""
+    url = "http://127.0.0.1:9/ml-100k.zip"  # port 9 (discard) refuses: no network needed
+    if failure == "read":
+        monkeypatch.setattr("urllib.request.urlopen", lambda *args, **kwargs: _NetworkDown())
+    with pytest.raises(FetchError) as info:
+        fetch_dataset("ml-100k", tmp_path / "data", url=url, progress=False)
+    message = str(info.value)
+    assert isinstance(info.value, OSError) and "\n" not in message
+    reason = "Connection refused" if failure == "refused" else "Network is unreachable"
+    assert message.startswith(f"cannot download {url}: ") and reason in message, message
+    assert "urlopen error" not in message and "--data-dir" in message, message
+    assert list((tmp_path / "data").iterdir()) == []

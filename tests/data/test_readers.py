@@ -23,8 +23,12 @@ from recadapt.data.readers import (
     read_movielens_llara_test,
     read_steam_llara_test,
 )
+from recadapt.data.readers.collm import RECORDED_SHA256 as COLLM_SHA256
+from recadapt.data.readers.lastfm import RECORDED_SHA256 as HETREC_SHA256
 from recadapt.data.readers.lastfm import match_names
-from recadapt.data.registry import known_datasets, load_dataset
+from recadapt.data.readers.llara import RECORDED_SHA256 as LLARA_SHA256
+from recadapt.data.readers.ml100k import RECORDED_SHA256 as ML100K_SHA256
+from recadapt.data.registry import NO_VERIFY_ENV, known_datasets, load_dataset
 from recadapt.data.schema import Dataset
 from recadapt.errors import DataFormatError
 
@@ -398,7 +402,7 @@ def test_ml100k_truncated_file(ml100k_copy: Path) -> None:
 def test_ml100k_blank_lines_are_counted(ml100k_copy: Path) -> None:
     """Blank lines are skipped but still count in the reported line number."""
     replace_bytes(ml100k_copy / "ml-100k" / "u.data", lambda b: b"\n\n" + b + b"\n")
-    assert read_ml100k(ml100k_copy).n_users == 943
+    assert read_ml100k(ml100k_copy, verify=False).n_users == 943  # an edited copy: its hash differs
     replace_bytes(ml100k_copy / "ml-100k" / "u.data", edit_line(6, lambda b: b"1\t1\t3"))
     expect_error(read_ml100k, ml100k_copy, "u.data", 6, "timestamp", "truncated")
 
@@ -650,3 +654,67 @@ def test_sources_hash_the_files_read(ml1m_ctr: Dataset, shared_data: Path) -> No
     for name, digest in ml1m_ctr.sources.items():
         assert hashlib.sha256((shared_data / name).read_bytes()).hexdigest() == digest
     assert sorted(ml1m_ctr.sources) == [f"collm-ml-1m/{p}_ood2.parquet" for p in ("test", "train", "valid")]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Recorded SHA-256 of the published files
+
+RECORDED = ML100K_SHA256 | HETREC_SHA256 | LLARA_SHA256 | COLLM_SHA256
+
+
+def expect_hash_mismatch(read: Reader, root: Path, file: str) -> None:
+    err = expect_error(read, root, file, None, None, "does not match the recorded")
+    assert "truncated or modified copy" in err.message and "verify=False" in err.message
+    assert "RECADAPT_NO_VERIFY=1" in err.message and "--no-verify" in err.message
+
+
+def test_truncated_u_data_is_refused_unless_verify_is_off(ml100k_copy: Path) -> None:
+    """Cut at a line boundary, u.data still parses: only its hash tells it is not the published file."""
+    replace_bytes(
+        ml100k_copy / "ml-100k" / "u.data", lambda b: b"".join(b.splitlines(keepends=True)[:50_000])
+    )
+    expect_hash_mismatch(read_ml100k, ml100k_copy, "u.data")
+    assert len(read_ml100k(ml100k_copy, verify=False).interactions) == 50_000
+
+
+def test_half_an_artists_dat_is_refused_unless_verify_is_off(llara_copy: Path) -> None:
+    replace_bytes(llara_copy / "lastfm-hetrec2011-2k" / "artists.dat", lambda b: b[: len(b) // 2])
+    expect_hash_mismatch(read_lastfm, llara_copy, "artists.dat")
+    assert 0 < (read_lastfm(llara_copy, verify=False).items["hetrec_id"] != "").sum() < 4000
+
+
+def test_rewritten_parquet_is_refused(collm_copy: Path) -> None:
+    replace_parquet(collm_copy / "collm-ml-1m/test_ood2.parquet", lambda f: f.iloc[:-100])
+    expect_hash_mismatch(read_collm_ml1m, collm_copy, "test_ood2.parquet")
+    assert len(read_collm_ml1m(collm_copy, verify=False).presplit["ctr"]["test"]) == 7_331 - 100
+
+
+def test_load_dataset_verification_opt_outs(ml100k_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    replace_bytes(ml100k_copy / "ml-100k" / "u.data", lambda b: b[: b.rindex(b"\n", 0, len(b) - 1) + 1])
+    monkeypatch.delenv(NO_VERIFY_ENV, raising=False)
+    with pytest.raises(DataFormatError, match=r"u\.data: SHA-256 .* does not match the recorded"):
+        load_dataset("ml-100k", ml100k_copy)
+    assert len(load_dataset("ml-100k", ml100k_copy, verify=False).interactions) == 99_999
+    monkeypatch.setenv(NO_VERIFY_ENV, "1")
+    assert len(load_dataset("ml-100k", ml100k_copy).interactions) == 99_999
+    monkeypatch.setenv(NO_VERIFY_ENV, "0")
+    with pytest.raises(DataFormatError, match="does not match the recorded"):
+        load_dataset("ml-100k", ml100k_copy)
+
+
+@pytest.mark.parametrize("fixture", ["ml100k", "lastfm", "ml1m_ctr", "movielens_test", "steam_test"])
+def test_every_file_read_has_a_recorded_hash(fixture: str, request: pytest.FixtureRequest) -> None:
+    """No file escapes the check (the shared copy verified, so the recorded values are its hashes)."""
+    sources = request.getfixturevalue(fixture).sources
+    assert set(sources) <= set(RECORDED), sorted(set(sources) - set(RECORDED))
+    assert all(RECORDED[name] == digest for name, digest in sources.items())
+
+
+def test_recorded_hashes_match_the_provenance_tables(shared_data: Path) -> None:
+    """Where a PROVENANCE file lists a file read as is (not a Parquet conversion), it lists the same hash."""
+    for name, digest in RECORDED.items():
+        if name.endswith(".parquet"):
+            continue
+        folder = name.split("/")[0]
+        provenance = "".join(p.read_text("utf-8") for p in (shared_data / folder).glob("PROVENANCE*.md"))
+        assert f"| {name.split('/', 1)[1]} |" in provenance and digest in provenance, name

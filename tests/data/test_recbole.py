@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
+import string
 import tempfile
 from pathlib import Path
 
@@ -256,13 +258,95 @@ def test_empty_interactions(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Damaged or sloppy files (module docstring): cut-off rows, byte order marks, duplicated lines, padded ids
+
+HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float"
+ROWS = ["u1\ti1\t5\t100", "u1\ti2\t4\t200", "u2\ti1\t3\t300"]
+
+
+def write_inter(tmp_path: Path, data: bytes) -> Path:
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "d.inter").write_bytes(data)
+    return folder
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize("cut", ["u2\ti2\t3", "u2\ti2\t3\t"])
+def test_last_row_cut_off_mid_row(tmp_path: Path, cut: str) -> None:
+    """A copy interrupted mid-row: the last line is short and has no newline; the error says it was cut."""
+    folder = write_inter(tmp_path, "\n".join([HEADER, *ROWS, cut]).encode())
+    with pytest.raises(DataFormatError) as info:
+        read_recbole(folder)
+    err = info.value
+    assert (Path(err.path).name, err.line, err.field) == ("d.inter", 5, "timestamp"), str(err)
+    assert "file ends inside this line" in err.message and "cut off" in err.message, str(err)
+    # The same short row followed by a newline is an ordinary bad line, and a complete last row needs no newline.
+    (folder / "d.inter").write_bytes("\n".join([HEADER, *ROWS, cut, ""]).encode())
+    with pytest.raises(DataFormatError) as info:
+        read_recbole(folder)
+    assert info.value.line == 5 and "file ends" not in info.value.message
+    (folder / "d.inter").write_bytes("\n".join([HEADER, *ROWS, "u2\ti2\t3\t400"]).encode())
+    assert len(read_recbole(folder).interactions) == 4
+
+
+def test_byte_order_mark_is_skipped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = write_inter(tmp_path, ("\ufeff" + "\n".join([HEADER, *ROWS, ""])).encode())
+    with caplog.at_level(logging.WARNING):
+        ds = read_recbole(folder)
+    assert rows(ds) == [("u1", "i1", 5.0, 100), ("u1", "i2", 4.0, 200), ("u2", "i1", 3.0, 300)]
+    assert any("byte order mark" in m and "d.inter" in m for m in warnings_of(caplog))
+
+
+def test_duplicate_rows_are_dropped_with_a_count(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Identical lines go (with a count); a row differing in any field, or in a fraction of a second, stays."""
+    lines = [HEADER, *ROWS, ROWS[1], ROWS[0], ROWS[1], "u1\ti2\t3\t200", "u2\ti1\t3\t300.5"]
+    folder = write_inter(tmp_path, "\n".join([*lines, ""]).encode())
+    with caplog.at_level(logging.WARNING):
+        ds = read_recbole(folder)
+    assert rows(ds) == [
+        ("u1", "i1", 5.0, 100),
+        ("u1", "i2", 4.0, 200),
+        ("u1", "i2", 3.0, 200),
+        ("u2", "i1", 3.0, 300),
+        ("u2", "i1", 3.0, 300),  # 300.5, floored
+    ]
+    assert any("dropped 3 duplicate row(s)" in m and "d.inter" in m for m in warnings_of(caplog))
+    assert "timestamp:exact" not in ds.interactions.columns
+
+
+def test_duplicate_lines_without_timestamps_are_repeated_events(recbole_dir: Path) -> None:
+    """Without times the line order is the sequence, so a repeated line is a repeat consumption: kept."""
+    assert len(read_recbole(recbole_dir / "minimal").interactions) == 5  # 'x 10' appears twice
+
+
+def test_id_whitespace_is_stripped_with_a_count(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """' u1' and 'u1' are one user, 'i1 ' and 'i1' one item; the warning counts them and names a line."""
+    lines = [HEADER, *ROWS, " u1\ti1 \t2\t500", "u2 \t i2\t1\t600"]
+    folder = write_inter(tmp_path, "\n".join([*lines, ""]).encode())
+    with caplog.at_level(logging.WARNING):
+        ds = read_recbole(folder)
+    assert ds.users["raw_id"].tolist() == ["u1", "u2"] and ds.items["raw_id"].tolist() == ["i1", "i2"]
+    messages = warnings_of(caplog)
+    assert any("2 user_id value(s), first at line 5 (' u1')" in m for m in messages), messages
+    assert any("2 item_id value(s), first at line 5 ('i1 ')" in m for m in messages), messages
+    (folder / "d.inter").write_bytes("\n".join([HEADER, *ROWS, "  \ti1\t2\t500", ""]).encode())
+    with pytest.raises(DataFormatError) as info:
+        read_recbole(folder)
+    assert (info.value.line, info.value.field, info.value.message) == (5, "user_id", "empty token")
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Property-based
 
 TOKEN = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\t\n\r"),
     min_size=1,
     max_size=6,
-)
+).filter(lambda t: t == t.strip(string.whitespace))  # the reader strips ids (see test_id_whitespace_...)
 EVENT = st.tuples(
     st.sampled_from(["u1", "u2", "ü3", "user 4"]),
     TOKEN,
@@ -279,7 +363,8 @@ EVENT = st.tuples(
     float_times=st.booleans(),
 )
 def test_round_trip(events: list[tuple], with_rating: bool, with_items: bool, float_times: bool) -> None:
-    """Random valid tables read back to the same interactions, in (user, time, line) order."""
+    """Random valid tables read back to the same interactions, in (user, time, line) order, less repeated
+    lines."""
     header = (
         ["user_id:token", "item_id:token"] + (["rating:float"] if with_rating else []) + ["timestamp:float"]
     )
@@ -301,6 +386,7 @@ def test_round_trip(events: list[tuple], with_rating: bool, with_items: bool, fl
     ds.validate()
     frame = pd.DataFrame(events, columns=["user", "item", "rating", "time"])
     frame["rating"] = frame["rating"].fillna(0.0) if with_rating else np.nan
+    frame = frame.drop_duplicates(["user", "item", "rating", "time"])
     expected = frame.assign(u=pd.factorize(frame["user"])[0]).sort_values(["u", "time"], kind="stable")
     got = rows(ds)
     assert [(u, i, t) for u, i, _, t in got] == list(

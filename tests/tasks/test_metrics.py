@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -43,6 +44,28 @@ def test_auc_matches_pairwise_definition(rows):
 
 def test_auc_single_class_is_nan():
     assert math.isnan(M.auc(np.array([1, 1]), np.array([0.2, 0.3])))
+
+
+@pytest.mark.parametrize(("label", "which"), [(1, "positive"), (0, "negative")])
+def test_auc_of_one_class_is_reported_undefined(label: int, which: str) -> None:
+    """A subset with one class has no AUC: NaN with a note that says so, printed and serialized."""
+    est = M.ctr_report(np.full(6, label), np.linspace(0.1, 0.9, 6), np.arange(6), n_boot=50)["AUC"]
+    assert not est.defined and math.isnan(est.value) and math.isnan(est.low) and math.isnan(est.high)
+    assert est.note == f"all 6 labels are {which}: AUC needs both classes"
+    assert str(est) == f"undefined (all 6 labels are {which}: AUC needs both classes)"
+    assert est.to_dict()["note"] == est.note
+
+
+def test_auc_interval_counts_one_class_resamples() -> None:
+    """With one negative among six users a third of the resamples lack it: the interval says it used fewer."""
+    labels, scores = np.array([1, 0, 1, 1, 1, 1]), np.array([0.9, 0.2, 0.6, 0.7, 0.5, 0.4])
+    est = M.auc_with_ci(labels, scores, np.arange(6), n_boot=200)
+    assert est.defined and est.value == pytest.approx(1.0)
+    used, total, undefined = (int(n) for n in re.findall(r"\d+", est.note))
+    assert total == 200 and used + undefined == 200 and 30 < undefined < 110, est.note
+    assert est.note in str(est)
+    well_mixed = M.auc_with_ci(np.arange(40) % 2, np.arange(40.0), np.arange(40), n_boot=100)
+    assert well_mixed.note == "" and "note" not in well_mixed.to_dict()
 
 
 def test_logloss_and_accuracy():

@@ -123,3 +123,81 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path: Path, capsys, monkeypatch
     assert main(_args(tmp_path, "next-item", "train.epochs=2")) == 2
     err = capsys.readouterr().err
     assert "loss is nan at epoch 1, step 0" in err and "train.lr" in err
+
+
+def _log_epochs(run_dir: Path) -> list[int]:
+    with (run_dir / "log.csv").open() as handle:
+        return [int(line.split(",")[0]) for line in handle.readlines()[1:]]
+
+
+@pytest.mark.parametrize("where", ["write", "rename"])
+def test_sigkill_while_writing_a_checkpoint_resumes_to_identical_metrics(tmp_path: Path, where: str):
+    """Killed inside the third checkpoint write (after epoch 3's log row), either while its files are written
+    or between the two renames that replace the old checkpoint where no atomic exchange exists: the same command
+    restores the last complete checkpoint (epoch 2), drops the half-written folders and the log row of the lost
+    epoch, and ends with the metrics of an uninterrupted run."""
+    from kill_in_checkpoint import KILL_IN_CHECKPOINT
+
+    common = _args(tmp_path, "next-item", "train.epochs=5", "train.patience=0", "train.lr=5e-3")
+    env = {
+        **os.environ,
+        "RECADAPT_TEST_KILL_IN": where,
+        "RECADAPT_TEST_KILL_NTH": "3" if where == "write" else "2",
+    }
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_IN_CHECKPOINT, *common, "name=interrupted"], env=env, capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    run_dir = tmp_path / "runs" / "interrupted"
+    assert _log_epochs(run_dir) == [1, 2, 3]
+    leftovers = sorted(p.name.split("-")[0] for p in run_dir.glob(".checkpoint.*"))
+    if where == "write":
+        assert leftovers == [".checkpoint.tmp"]
+        assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["epoch"] == 2
+    else:
+        assert leftovers == [".checkpoint.old", ".checkpoint.tmp"] or leftovers == [".checkpoint.old"]
+        assert not (run_dir / "checkpoint").exists(), "the kill fell where neither checkpoint is in place"
+
+    assert main([*common, "name=interrupted"]) == 0
+    assert main([*common, "name=straight"]) == 0
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    straight = json.loads((tmp_path / "runs" / "straight" / "metrics.json").read_text())
+    assert resumed["test"] == straight["test"] and resumed["best_epoch"] == straight["best_epoch"]
+    assert _log_epochs(run_dir) == [1, 2, 3, 4, 5], "the lost epoch's row is dropped, not repeated"
+    assert not list(run_dir.glob(".*.tmp-*")) and not list(run_dir.glob(".*.old-*"))
+
+
+def test_resuming_under_a_changed_config_is_refused_and_leaves_the_run_alone(tmp_path: Path, capsys):
+    common = _args(tmp_path, "next-item", "train.patience=0", "name=run")
+    assert main([*common, "train.epochs=2"]) == 0
+    run_dir = tmp_path / "runs" / "run"
+    config, metrics = (run_dir / "config.yaml").read_bytes(), (run_dir / "metrics.json").read_bytes()
+    capsys.readouterr()
+    assert main([*common, "train.epochs=3"]) == 2
+    err = capsys.readouterr().err
+    assert "different training config" in err and "--restart" in err
+    assert (run_dir / "config.yaml").read_bytes() == config, "a refused run must not rewrite config.yaml"
+    assert (run_dir / "metrics.json").read_bytes() == metrics
+    # settings that do not shape training are no reason to refuse; a new n_boot re-evaluates the test part
+    assert main([*common, "train.epochs=2", "train.n_boot=20", "train.num_threads=1"]) == 0
+    again = json.loads((run_dir / "metrics.json").read_text())
+    assert again["evaluation"] == {"n_boot": 20} and again["epochs_run"] == 2
+    # --restart starts over under the new config
+    assert main([*common, "train.epochs=3", "--restart"]) == 0
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs_run"] == 3
+    assert _log_epochs(run_dir) == [1, 2, 3]
+
+
+def test_a_damaged_checkpoint_is_a_one_line_error_with_the_restart_hint(tmp_path: Path, capsys):
+    common = _args(tmp_path, "next-item", "train.patience=0", "name=run")
+    assert main([*common, "train.epochs=2"]) == 0
+    run_dir = tmp_path / "runs" / "run"
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    (run_dir / "checkpoint" / "state.json").write_text(json.dumps({**state, "finished": False, "epoch": 1}))
+    (run_dir / "checkpoint" / "optimizer.pt").write_bytes(os.urandom(4096))
+    capsys.readouterr()
+    assert main([*common, "train.epochs=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"{run_dir / 'checkpoint'}: cannot resume from this checkpoint" in err[0] and "--restart" in err[0]
+    assert main([*common, "train.epochs=2", "--restart"]) == 0

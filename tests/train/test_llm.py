@@ -673,3 +673,59 @@ def test_item_tags_need_a_tags_or_genres_column(workdir: Path) -> None:
     prepared.items = prepared.items.drop(columns=["tags", "genres"], errors="ignore")
     with pytest.raises(ConfigError, match="llm.item_tags"):
         PromptFactory(prepared, "train", "item", history_len=10, item_tags=3)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "no"])
+@pytest.mark.parametrize(("method", "protocol"), [("llara", "next-item"), ("ilora", "ctr")])
+def test_trained_and_reloaded_runs_score_identically_in_each_precision(
+    workdir: Path, monkeypatch, precision: str, method: str, protocol: str
+) -> None:
+    """One precision rule for both evaluation paths: the raw per-sample scores of the evaluation that ends
+    training equal those of ``recadapt eval`` on the saved run, bit for bit, under bf16 autocast and in fp32.
+    (Before, accelerate's autocast wrapper stayed on the trained run's projector and adapter, so a trained LLaRA
+    projected its items in bf16 and the reloaded one in fp32.) ``llm.precision`` is explicit, so the test does
+    not depend on whether this CPU runs bf16 natively."""
+    import recadapt.llm.ranking as ranking
+
+    recorded: list[np.ndarray] = []
+    rank, yes = ranking.rank_candidates, ranking.yes_probability
+
+    def rank_spy(*args: Any, **kwargs: Any) -> Any:
+        result = rank(*args, **kwargs)
+        recorded.append(result.scores.copy())
+        return result
+
+    def yes_spy(*args: Any, **kwargs: Any) -> Any:
+        result = yes(*args, **kwargs)
+        recorded.append(result.numpy().copy())
+        return result
+
+    monkeypatch.setattr(ranking, "rank_candidates", rank_spy)
+    monkeypatch.setattr(ranking, "yes_probability", yes_spy)
+    crm_run = _train_tiny_sasrec(workdir, f"sasrec-precision-{protocol}", f"data.protocol={protocol}")
+    run = f"{method}-{protocol}-precision-{precision}"
+    extra = [f"llm.crm_run={crm_run}", f"llm.precision={precision}", "llm.train_samples=8", "llm.epochs=1"]
+    extra += ["llm.eval_samples=12", "llm.eval_modes=[score]", "llm.checkpoint_every=50"]
+    assert main(_args(workdir, method, run, *extra, protocol=protocol)) == 0
+    assert _metrics(workdir / "runs" / run)["precision"] == precision
+    trained = np.concatenate(recorded)
+    recorded.clear()
+    assert main(["eval", str(workdir / "runs" / run), "--json"]) == 0
+    reloaded = np.concatenate(recorded)
+    assert trained.shape == reloaded.shape and trained.size > 0
+    np.testing.assert_array_equal(trained, reloaded)
+
+
+def test_native_bf16_detection_can_be_forced_either_way(monkeypatch) -> None:
+    """``$RECADAPT_NATIVE_BF16`` makes ``llm.precision=auto`` choose as on a CPU with or without native bf16, so
+    the suite runs both choices on any machine."""
+    from recadapt.train.llm import select_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("RECADAPT_NATIVE_BF16", "1")
+    assert select_precision(cpu)[0] == "bf16"
+    monkeypatch.setenv("RECADAPT_NATIVE_BF16", "0")
+    assert select_precision(cpu)[0] == "no"
+    monkeypatch.setenv("RECADAPT_NATIVE_BF16", "yes")
+    with pytest.raises(ValueError, match="RECADAPT_NATIVE_BF16"):
+        select_precision(cpu)

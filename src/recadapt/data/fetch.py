@@ -28,8 +28,9 @@ logger = logging.getLogger(__name__)
 
 ML100K = "ml-100k"
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
-ML100K_SHA256 = {
+ML100K_SHA256 = {  # also what the ml-100k reader checks its input against
     "u.data": "06416e597f82b7342361e41163890c81036900f418ad91315590814211dca490",
+    "u.genre": "9757e0d3e6b298159a80dd48eaf938114690e911e39af97a76949ef1663610bb",
     "u.item": "553841ebc7de3a0fd0d6b62a204ea30c1e651aacfb2814c7a6584ac52f2c5701",
     "u.user": "f120e114da2e8cf314fd28f99417c94ae9ddf1cb6db8ce0e4b5995d40e90e62c",
 }
@@ -38,8 +39,20 @@ _CHUNK = 1 << 20
 _TIMEOUT_S = 60
 
 
-class FetchError(RuntimeError):
-    """A download failed, was corrupt, or did not match the pinned hashes; nothing was installed."""
+class FetchError(OSError):
+    """A download failed, was corrupt, or did not match the pinned hashes; nothing was installed.
+
+    An ``OSError`` because it is one to the user (network, disk); its message is one line meant to be printed
+    as is, without a traceback.
+    """
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, without urllib's ``<urlopen error ...>`` wrapper."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    return " ".join(str(reason).split()) or type(reason).__name__
 
 
 def mismatches(folder: Path) -> list[str]:
@@ -66,8 +79,11 @@ def _download(url: str, target: Path, progress: bool) -> None:
                     out.write(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as exc:
-        raise FetchError(f"cannot download {url}: {exc}") from exc
+    except (OSError, http.client.HTTPException) as exc:  # URLError, socket errors and timeouts are OSErrors
+        raise FetchError(
+            f"cannot download {url}: {_reason(exc)}; download and unpack it yourself, then point --data-dir "
+            f"(or RECADAPT_DATA) at the folder holding {ML100K}/"
+        ) from exc
     if total is not None and received != total:
         raise FetchError(f"download of {url} stopped after {received} of {total} bytes")
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
 from pathlib import Path
+from typing import Protocol
 
 from recadapt.data.readers import (
     read_collm_ml1m,
@@ -17,8 +18,17 @@ from recadapt.data.schema import Dataset
 from recadapt.paths import data_dir as resolve_data_dir
 
 RECBOLE_PREFIX = "recbole:"
+NO_VERIFY_ENV = "RECADAPT_NO_VERIFY"
+_TRUE = ("1", "true", "yes", "on")
 
-READERS: dict[str, Callable[[Path], Dataset]] = {
+
+class Reader(Protocol):
+    """A reader of a published dataset: ``verify`` checks its files against the recorded SHA-256."""
+
+    def __call__(self, data_dir: Path, *, verify: bool = True) -> Dataset: ...
+
+
+READERS: dict[str, Reader] = {
     "ml-100k": read_ml100k,
     "lastfm": read_lastfm,
     "ml-1m-ctr": read_collm_ml1m,
@@ -32,11 +42,21 @@ def known_datasets() -> list[str]:
     return [*READERS, f"{RECBOLE_PREFIX}PATH/NAME"]
 
 
-def load_dataset(name: str, data_dir: Path | None = None) -> Dataset:
+def verification_disabled() -> bool:
+    """Whether ``RECADAPT_NO_VERIFY`` asks to skip the hash check (1, true, yes or on), for code paths that
+    reach :func:`load_dataset` without a ``verify`` argument (training, ``data prepare``)."""
+    return os.environ.get(NO_VERIFY_ENV, "").strip().lower() in _TRUE
+
+
+def load_dataset(name: str, data_dir: Path | None = None, *, verify: bool = True) -> Dataset:
     """Load a dataset by name from ``data_dir`` (default: :func:`recadapt.paths.data_dir`).
 
     ``recbole:PATH/NAME`` reads RecBole atomic files from ``PATH/NAME`` (relative to the working directory, or
     absolute) and ignores ``data_dir``. An unknown name raises ``ValueError`` listing the known ones.
+
+    The published datasets' files must have their recorded SHA-256, so a truncated or edited copy fails loudly
+    (:class:`~recadapt.errors.DataFormatError`) instead of giving other numbers; ``verify=False`` or
+    ``RECADAPT_NO_VERIFY=1`` reads them anyway. RecBole datasets are the user's own and are never checked.
     """
     if name.startswith(RECBOLE_PREFIX):
         spec = name[len(RECBOLE_PREFIX) :]
@@ -46,4 +66,4 @@ def load_dataset(name: str, data_dir: Path | None = None) -> Dataset:
     reader = READERS.get(name)
     if reader is None:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(known_datasets())}")
-    return reader(resolve_data_dir(data_dir))
+    return reader(resolve_data_dir(data_dir), verify=verify and not verification_disabled())

@@ -3,6 +3,10 @@
 Per-sample metric values are first averaged within each user, then users are resampled with replacement
 (``n_boot`` times) to get a percentile 95% interval, so a user with many test samples does not count as many
 independent draws. AUC and LogLoss are recomputed on each resample with the users' multiplicities as weights.
+
+AUC is undefined when the evaluated labels hold one class only (a small or filtered subset): it is then NaN
+with a ``note`` saying why, never a number such as 0.5, and a resample holding one class is left out of the
+interval, with a note saying how many were.
 """
 
 from __future__ import annotations
@@ -18,17 +22,31 @@ DEFAULT_BOOTSTRAP = 1000
 
 @dataclass(frozen=True)
 class Estimate:
-    """A metric value with its bootstrap 95% confidence interval."""
+    """A metric value with its bootstrap 95% confidence interval.
+
+    ``note`` explains an undefined value (NaN) or an interval from fewer resamples than asked; it is printed
+    and serialized with the numbers, so a report cannot show them without it.
+    """
 
     value: float
     low: float
     high: float
+    note: str = ""
+
+    @property
+    def defined(self) -> bool:
+        return not math.isnan(self.value)
 
     def __str__(self) -> str:
-        return f"{self.value:.4f} [{self.low:.4f}, {self.high:.4f}]"
+        text = f"{self.value:.4f} [{self.low:.4f}, {self.high:.4f}]" if self.defined else "undefined"
+        return f"{text} ({self.note})" if self.note else text
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, float | str]:
+        """``value``, ``low``, ``high`` (NaN when undefined), plus ``note`` when there is one."""
+        out: dict[str, float | str] = asdict(self)
+        if not self.note:
+            del out["note"]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,17 +178,37 @@ def mean_with_ci(
     return Estimate(float(per_user.mean()), *_percentile_interval(boot))
 
 
+def _one_class_note(labels: np.ndarray) -> str:
+    which = "positive" if np.asarray(labels).astype(bool).all() else "negative"
+    return f"all {len(labels)} labels are {which}: AUC needs both classes"
+
+
 def auc_with_ci(
     labels: np.ndarray, scores: np.ndarray, groups: np.ndarray, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0
 ) -> Estimate:
-    """Pooled AUC over all samples, with a bootstrap CI from resampling users (weights = multiplicities)."""
+    """Pooled AUC over all samples, with a bootstrap CI from resampling users (weights = multiplicities).
+
+    Undefined (NaN, with a note) when the labels hold one class; resamples holding one class are left out of
+    the interval and counted in the note.
+    """
     labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    value = auc(labels, scores)
+    if math.isnan(value):
+        return Estimate(
+            math.nan, math.nan, math.nan, _one_class_note(labels) if len(labels) else "no samples"
+        )
     user_index, counts = _user_resample_counts(np.asarray(groups), n_boot, seed)
     chunks = [
         _weighted_auc(labels, scores, counts[i : i + 100][:, user_index]) for i in range(0, n_boot, 100)
     ]
     boot = np.concatenate(chunks) if chunks else np.zeros(0)
-    return Estimate(auc(labels, scores), *_percentile_interval(boot))
+    undefined = int(np.isnan(boot).sum())
+    note = (
+        f"CI from {len(boot) - undefined} of {len(boot)} resamples; {undefined} held one class"
+        if undefined
+        else ""
+    )
+    return Estimate(value, *_percentile_interval(boot), note)
 
 
 def pooled_mean_with_ci(

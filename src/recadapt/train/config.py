@@ -8,15 +8,18 @@ and the dotted field, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import yaml
 
 from recadapt.errors import ConfigError
+from recadapt.io import write_text_atomic
 
 PROTOCOLS = ("next-item", "ctr", "full-ranking")
 # model.name values trained by recadapt.train.llm
@@ -31,6 +34,53 @@ ADAPTER_KINDS = ("lora", "moe-lora", "personal-lora", "cf-lora", "bottleneck")
 COND_SOURCES = ("crm", "random")
 RANKING_MODES = ("generate", "constrained", "score")  # as recadapt.llm.ranking (not imported: it needs torch)
 PRECISIONS = ("auto", "bf16", "fp16", "no")
+RECBOLE_PREFIX = "recbole:"  # as recadapt.data.registry (not imported: it loads the readers)
+_RANKING_MONITORS = ("HR@{k}", "NDCG@{k}")
+# validation metrics train.monitor may name, per protocol: the keys of recadapt.tasks.evaluate.report_from_scores
+# (not imported: it needs torch) that early stopping can maximise. LogLoss (lower is better) and ValidRatio
+# (always 1 for a CRM) are reported too, but keeping the epoch with the highest of them would be wrong or arbitrary.
+MONITOR_METRICS: dict[str, tuple[str, ...]] = {
+    "next-item": (*(m.format(k=k) for k in (1, 5, 10) for m in _RANKING_MONITORS), "MRR"),
+    "full-ranking": (*(m.format(k=k) for k in (1, 5, 10, 20, 50) for m in _RANKING_MONITORS), "MRR"),
+    "ctr": ("AUC", "Accuracy"),
+}
+
+
+def _check_min(dotted: str, value: float, low: float, *, strict: bool = False) -> None:
+    """Raise unless ``value`` is a finite number ``>= low`` (``> low`` with ``strict``).
+
+    Phrased as "raise unless ok" because NaN fails every comparison: a plain ``value <= 0`` test lets NaN through.
+    """
+    ok = value > low if strict else value >= low
+    if not (ok and math.isfinite(value)):
+        raise ConfigError("config", dotted, f"must be {'>' if strict else '>='} {low:g}, got {value!r}")
+
+
+def path_component_problem(value: str) -> str | None:
+    """Why ``value`` cannot be one directory name under ``output_dir`` (None if it can).
+
+    A run directory is created, overwritten and (for LLM runs) partly deleted, so its name must never reach
+    outside ``output_dir``: one component, no separator of any platform, no ``.``/``..``, no drive.
+    """
+    if not value.strip():
+        return "is empty"
+    if "\0" in value:
+        return "contains a NUL character"
+    if "/" in value or "\\" in value or PureWindowsPath(value).drive:
+        return "must be a single directory name, without / or \\"
+    if value in (".", ".."):
+        return f"cannot be {value!r}"
+    return None
+
+
+def dataset_label(dataset: str) -> str:
+    """The dataset's part of a derived run name: its registry name, or NAME for ``recbole:PATH/NAME``.
+
+    NAME is the last path component, as ``recadapt.data.readers.recbole.locate`` names the dataset's files.
+    """
+    if dataset.startswith(RECBOLE_PREFIX):
+        return Path(dataset[len(RECBOLE_PREFIX) :]).name
+    return dataset
 
 
 @dataclass
@@ -40,6 +90,11 @@ class DataConfig:
     data_dir: str | None = None  # None: $RECADAPT_DATA, else ~/.cache/recadapt/data
     prepared_dir: str | None = None  # None: <cache>/prepared
     split_seed: int = 0  # seed of the persisted split and candidates (kept fixed across training seeds)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError("config", "data.protocol", f"must be one of {PROTOCOLS}, got {self.protocol!r}")
+        _check_min("data.split_seed", self.split_seed, 0)  # numpy seeds are non-negative
 
 
 @dataclass
@@ -56,6 +111,16 @@ class TrainConfig:
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     n_boot: int = 1000  # bootstrap resamples for confidence intervals
     max_steps_per_epoch: int = 0  # 0 = full epochs; a cap makes quick demo runs
+
+    def __post_init__(self) -> None:
+        """Reject values that would fail only later (a ZeroDivisionError, an empty range, a missing best
+        model) or silently do nothing (lr 0); the monitor is checked by RunConfig, which knows the protocol."""
+        for name in ("batch_size", "eval_batch_size", "max_len", "n_boot", "epochs"):
+            _check_min(f"train.{name}", getattr(self, name), 1)
+        for name in ("seed", "patience", "max_steps_per_epoch", "num_threads"):
+            _check_min(f"train.{name}", getattr(self, name), 0)
+        _check_min("train.lr", self.lr, 0, strict=True)
+        _check_min("train.weight_decay", self.weight_decay, 0)
 
 
 def _default_lora_targets() -> list[str]:
@@ -174,17 +239,16 @@ class LLMConfig:
             )
         positive = ("lora_r", "batch_size", "grad_accum", "bucket_batches", "checkpoint_every", "log_every")
         for name in (*positive, "eval_batch_size", "max_new_tokens", "max_prompt_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError("config", f"llm.{name}", f"must be >= 1, got {getattr(self, name)}")
+            _check_min(f"llm.{name}", getattr(self, name), 1)
         for name in ("epochs", "max_steps", "train_samples", "eval_samples", "max_grad_norm", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError("config", f"llm.{name}", f"must be >= 0, got {getattr(self, name)}")
+            _check_min(f"llm.{name}", getattr(self, name), 0)
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("config", "llm.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError("config", "llm.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        if self.lr <= 0 or (self.projector_lr is not None and self.projector_lr <= 0):
-            raise ConfigError("config", "llm.lr", "learning rates must be > 0")
+        _check_min("llm.lr", self.lr, 0, strict=True)
+        if self.projector_lr is not None:
+            _check_min("llm.projector_lr", self.projector_lr, 0, strict=True)
 
 
 @dataclass
@@ -195,6 +259,37 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     llm: LLMConfig | None = None  # LLM methods only
+    # where load_config found each field, for error messages (see origin); a field, so dataclasses.replace
+    # keeps it, but never written, compared or read from a file
+    _origins: _Origins | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """Check what needs more than one section: the run directory's name and the monitor's protocol."""
+        if self.name:
+            problem = path_component_problem(self.name)
+            if problem:
+                raise ConfigError("config", "name", f"{problem} (the run directory under output_dir)")
+        else:  # the derived name <model>-<dataset>-<protocol>-s<seed>: each free-form part must be safe
+            parts = {
+                "model.name": str(self.model.get("name", "")),
+                "data.dataset": dataset_label(self.data.dataset),
+            }
+            for dotted, part in parts.items():
+                problem = path_component_problem(part)
+                if problem:
+                    raise ConfigError(
+                        "config",
+                        dotted,
+                        f"{part!r} {problem}, so it cannot name the run directory; set name=",
+                    )
+        monitor, protocol = self.train.monitor, self.data.protocol
+        if monitor != "auto" and monitor not in MONITOR_METRICS[protocol]:
+            raise ConfigError(
+                "config",
+                "train.monitor",
+                f"must be auto or a {protocol} validation metric: {', '.join(MONITOR_METRICS[protocol])}; "
+                f"got {monitor!r}",
+            )
 
     @property
     def model_name(self) -> str:
@@ -204,7 +299,7 @@ class RunConfig:
     def run_name(self) -> str:
         if self.name:
             return self.name
-        dataset = self.data.dataset.replace("recbole:", "").replace("/", "_")
+        dataset = dataset_label(self.data.dataset)
         return f"{self.model_name}-{dataset}-{self.data.protocol}-s{self.train.seed}"
 
     @property
@@ -215,17 +310,54 @@ class RunConfig:
         out = dataclasses.asdict(self)
         if self.llm is None:
             del out["llm"]  # CRM configs stay as they were
+        del out["_origins"]
         return out
 
+    def origin(self, dotted: str) -> str:
+        """Where field ``dotted`` was set, as a ConfigError source: ``FILE:LINE`` (the line of the field, else of
+        its nearest enclosing key in the file), ``<command line>``, or the file / ``<defaults>``.
 
-def _coerce(value: Any, annotation: Any, source: str, dotted: str) -> Any:
-    """Convert a YAML or command-line value to the annotated type, or raise ConfigError."""
+        Recorded by :func:`load_config` (a config built otherwise says ``config``), for checks made after
+        loading, such as the model section's (:func:`model_options`).
+        """
+        return self._origins.of(dotted) if self._origins is not None else "config"
+
+    def error(self, dotted: str, message: str) -> ConfigError:
+        """A ConfigError about field ``dotted`` that names where it was set (see :meth:`origin`)."""
+        return ConfigError(self.origin(dotted), dotted, message)
+
+
+@dataclass(frozen=True)
+class _Origins:
+    """The file and line of each dotted key of a config file, and the keys the command line set."""
+
+    source: str
+    lines: dict[str, int]
+    overridden: frozenset[str]
+
+    def of(self, dotted: str) -> str:
+        """``FILE:LINE``, ``<command line>`` or the file, for ``dotted`` or else its nearest enclosing key."""
+        parts = dotted.split(".")
+        prefixes = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
+        if any(p in self.overridden for p in prefixes):
+            return "<command line>"
+        line = next((self.lines[p] for p in prefixes if p in self.lines), None)
+        return f"{self.source}:{line}" if line else self.source
+
+
+def _coerce(value: Any, annotation: Any, source: str, dotted: str, text: str | None = None) -> Any:
+    """Convert a YAML or command-line value to the annotated type, or raise ConfigError.
+
+    ``text`` is the scalar as written, before YAML typed it. A string field takes it whenever YAML read something
+    else: YAML 1.1 reads ``no``, ``off``, ``~`` and ``007`` as false, null and 7, so ``llm.precision=no`` would
+    otherwise arrive as ``False`` (and become "False").
+    """
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
             return None
-        return _coerce(value, options[0], source, dotted)
+        return _coerce(value, options[0], source, dotted, text)
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -253,28 +385,54 @@ def _coerce(value: Any, annotation: Any, source: str, dotted: str) -> Any:
     if annotation is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(source, dotted, f"expected a string, got {value!r}")
+        if not isinstance(value, str) and text is not None:
+            return text
         return str(value)
     return value
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    """Map each dotted key of a YAML mapping to its 1-based line, for error messages."""
+def _read_yaml(text: str, source: str) -> tuple[Any, dict[str, int], dict[str, str]]:
+    """Parse a YAML config: its data, the 1-based line of each dotted key and the written text of each scalar.
+
+    One pass over the node tree also rejects duplicate keys, naming both lines: ``yaml.safe_load`` silently keeps
+    the last one, so a value a user believes is set could be ignored.
+    """
     lines: dict[str, int] = {}
+    texts: dict[str, str] = {}
 
-    def walk(node: yaml.Node, prefix: str) -> None:
+    def walk(node: yaml.Node, prefix: str, seen: set[int]) -> None:
+        if id(node) in seen:  # an alias of a node already walked
+            return
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
             for key, value in node.value:
-                dotted = prefix + str(key.value)
-                lines[dotted] = key.start_mark.line + 1
-                walk(value, dotted + ".")
+                dotted, line = prefix + str(key.value), key.start_mark.line + 1
+                if isinstance(key, yaml.ScalarNode) and dotted in first:
+                    raise ConfigError(
+                        f"{source}:{line}", dotted, f"duplicate key (first at line {first[dotted]})"
+                    )
+                first[dotted] = lines[dotted] = line
+                if isinstance(value, yaml.ScalarNode):
+                    texts[dotted] = value.value
+                walk(value, dotted + ".", seen)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{prefix}{i}.", seen)
 
+    loader = yaml.SafeLoader(text)
     try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, "")
-    return lines
+        root = loader.get_single_node()
+        if root is None:
+            return None, lines, texts
+        walk(root, "", set())
+        return loader.construct_document(root), lines, texts
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "unknown line"
+        raise ConfigError(source, None, f"invalid YAML at {where}: {getattr(exc, 'problem', exc)}") from None
+    finally:
+        loader.dispose()
 
 
 def _optional_section(annotation: Any) -> Any:
@@ -286,9 +444,13 @@ def _optional_section(annotation: Any) -> Any:
     return annotation
 
 
-def _build(cls: type, raw: dict[str, Any], source: str, prefix: str = "") -> Any:
+def _build(
+    cls: type, raw: dict[str, Any], source: str, prefix: str = "", texts: dict[str, str] | None = None
+) -> Any:
+    """Build dataclass ``cls`` from a raw mapping; ``texts``: the written text of scalars (see :func:`_coerce`)."""
+    texts = texts or {}
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(source, prefix + unknown[0], f"unknown field (known: {', '.join(sorted(known))})")
@@ -301,13 +463,13 @@ def _build(cls: type, raw: dict[str, Any], source: str, prefix: str = "") -> Any
         elif dataclasses.is_dataclass(annotation):
             if not isinstance(value, dict):
                 raise ConfigError(source, dotted, "expected a mapping")
-            kwargs[name] = _build(annotation, value, source, dotted + ".")
+            kwargs[name] = _build(annotation, value, source, dotted + ".", texts)
         elif name == "model":
             if not isinstance(value, dict) or "name" not in value:
                 raise ConfigError(source, dotted, "expected a mapping with a 'name'")
             kwargs[name] = dict(value)
         else:
-            kwargs[name] = _coerce(value, annotation, source, dotted)
+            kwargs[name] = _coerce(value, annotation, source, dotted, texts.get(dotted))
     return cls(**kwargs)
 
 
@@ -337,57 +499,80 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config (``None``: defaults only), apply overrides, validate types and names."""
+    """Read a YAML run config (``None``: defaults only), apply overrides, validate types and names.
+
+    Every ConfigError names where the offending field was set: ``FILE:LINE`` or ``<command line>``.
+    """
     raw: dict[str, Any] = {}
     source = "<defaults>"
+    lines: dict[str, int] = {}
+    texts: dict[str, str] = {}
     if path is not None:
         source = str(path)
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(source, None, f"cannot read: {exc.strerror}") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"line {mark.line + 1}" if mark else "unknown line"
-            raise ConfigError(
-                source, None, f"invalid YAML at {where}: {getattr(exc, 'problem', exc)}"
-            ) from None
+        raw, lines, texts = _read_yaml(text, source)
+        raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise ConfigError(source, None, "the top level must be a mapping")
-        lines = _key_lines(text)
-    else:
-        lines = {}
     raw.setdefault("model", {"name": RunConfig().model_name})
+    overridden = {o.split("=", 1)[0].strip() for o in overrides or [] if "=" in o}
     if overrides:
         raw = apply_overrides(raw, overrides)
+        for item in overrides:
+            key, value = item.split("=", 1)
+            texts = {k: v for k, v in texts.items() if not (k + ".").startswith(key.strip() + ".")}
+            texts[key.strip()] = value.strip()
+    origins = _Origins(source, lines, frozenset(overridden))
     try:
-        config = _build(RunConfig, raw, source)
+        config = _build(RunConfig, raw, source, texts=texts)
     except ConfigError as exc:
-        overridden = {o.split("=", 1)[0].strip() for o in overrides or []}
-        if exc.field in overridden:
-            raise ConfigError("<command line>", exc.field, exc.message) from None
-        line = lines.get(exc.field or "")
-        raise ConfigError(f"{source}:{line}" if line else source, exc.field, exc.message) from None
-    if config.data.protocol not in PROTOCOLS:
-        raise ConfigError(
-            source, "data.protocol", f"must be one of {PROTOCOLS}, got {config.data.protocol!r}"
-        )
+        raise ConfigError(origins.of(exc.field) if exc.field else source, exc.field, exc.message) from None
+    config._origins = origins
     if config.llm is not None and config.model_name not in LLM_METHODS + EMBEDDING_METHODS:
-        raise ConfigError(
-            source,
+        raise config.error(
             "llm",
             f"applies to the LLM methods {LLM_METHODS + EMBEDDING_METHODS} only, not model {config.model_name!r}",
         )
     return config
 
 
+def model_options(config: RunConfig, config_class: type) -> dict[str, Any]:
+    """The ``model`` section without its name, coerced to ``config_class``'s field types and validated by it.
+
+    For the CRM trainers, which know the model's config class (config.py does not import the models): errors
+    are ConfigErrors naming the field and where it was set. A config class's own checks raise ValueErrors that
+    begin with the field's name (``n_layers must be >= 1``, ``SASRecConfig.n_layers must be int``); that name
+    picks the field, else the error is about ``model``.
+    """
+    name = config.model_name
+    hints = typing.get_type_hints(config_class)
+    known = {f.name for f in dataclasses.fields(config_class)}
+    kwargs: dict[str, Any] = {}
+    for key, value in config.model.items():
+        if key == "name":
+            continue
+        dotted = f"model.{key}"
+        if key not in known:
+            raise config.error(dotted, f"unknown field for {name} (known: {', '.join(sorted(known))})")
+        try:
+            kwargs[key] = _coerce(value, hints[key], "config", dotted)
+        except ConfigError as exc:
+            raise config.error(dotted, exc.message) from None
+    try:
+        config_class(**kwargs)
+    except ValueError as exc:
+        match = re.match(r"(?:\w+\.)?(\w+)", str(exc))
+        key = match.group(1) if match and match.group(1) in known else None
+        raise config.error(f"model.{key}" if key else "model", str(exc)) from None
+    return kwargs
+
+
 def save_config(config: RunConfig, path: Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 # llm fields added after the first checkpoints were written, oldest addition first; a checkpoint written under the

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +26,13 @@ from recadapt.data.prepare import Prepared
 from recadapt.data.store import ensure_prepared
 from recadapt.errors import ConfigError, NonFiniteLossError
 from recadapt.io import atomic_directory, write_json_atomic
+from recadapt.progress import progress_bar
 from recadapt.tasks.evaluate import evaluate_crm, evaluation_rows, monitor_metric
 from recadapt.tasks.metrics import Estimate
-from recadapt.train.config import RunConfig, _coerce, save_config
-from recadapt.train.logger import RunLogger
-from recadapt.train.state import add_train_time, read_state, rounded_train_seconds
+from recadapt.train.config import RunConfig, model_options, save_config
+from recadapt.train.logger import RunLogger, truncate_log
+from recadapt.train.runlock import run_dir_lock
+from recadapt.train.state import add_train_time, read_state, reading_checkpoint, rounded_train_seconds
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,27 @@ class TrainerState:
     bad_epochs: int = 0
     finished: bool = False
     train_seconds: float | None = 0.0  # over every process of the run (None: begun before this was recorded)
+    fingerprint: str = (
+        ""  # crm_fingerprint of the config that wrote it ("": written before this was recorded)
+    )
+
+
+# fields that change neither the training nor its results: where the run lives, threads, evaluation batching
+_NOT_FINGERPRINTED = {"": ("name", "output_dir"), "data": ("data_dir", "prepared_dir"),
+                      "train": ("num_threads", "eval_batch_size", "n_boot")}  # fmt: skip
+
+
+def crm_fingerprint(config: RunConfig) -> str:
+    """A hash of every setting that shapes a CRM run's training, so its checkpoint is never resumed (or its
+    finished metrics returned) under another config. ``train.n_boot`` only changes the test report, which is
+    recomputed when it differs (see ``evaluation`` in ``metrics.json``)."""
+    import hashlib
+
+    settings = config.to_dict()
+    for section, names in _NOT_FINGERPRINTED.items():
+        for name in names:
+            (settings[section] if section else settings).pop(name, None)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def training_tensors(prepared: Prepared, protocol: str, max_len: int) -> dict[str, torch.Tensor]:
@@ -70,25 +92,12 @@ def training_tensors(prepared: Prepared, protocol: str, max_len: int) -> dict[st
 
 
 def model_kwargs(config: RunConfig) -> dict[str, Any]:
-    """The model section without its name, coerced to the model config's field types."""
+    """The model section without its name, coerced to the model config's field types and validated by it; errors
+    name the field and where it was set (``FILE:LINE`` or ``<command line>``)."""
     name = config.model_name
     if name not in CRM_REGISTRY:
-        raise ConfigError(
-            "model.name", "model.name", f"unknown model {name!r}; known: {sorted(CRM_REGISTRY)}"
-        )
-    config_class = CRM_REGISTRY[name].config_class
-    hints = typing.get_type_hints(config_class)
-    known = {f.name for f in dataclasses.fields(config_class)}
-    kwargs = {}
-    for key, value in config.model.items():
-        if key == "name":
-            continue
-        if key not in known:
-            raise ConfigError(
-                "config", f"model.{key}", f"unknown field for {name} (known: {', '.join(sorted(known))})"
-            )
-        kwargs[key] = _coerce(value, hints[key], "config", f"model.{key}")
-    return kwargs
+        raise config.error("model.name", f"unknown model {name!r}; known: {sorted(CRM_REGISTRY)}")
+    return model_options(config, CRM_REGISTRY[name].config_class)
 
 
 def _save_checkpoint(run_dir: Path, model, optimizer, state: TrainerState) -> None:
@@ -99,13 +108,21 @@ def _save_checkpoint(run_dir: Path, model, optimizer, state: TrainerState) -> No
         (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state)), encoding="utf-8")
 
 
-def _load_checkpoint(run_dir: Path, model, optimizer) -> TrainerState:
+def _read_checkpoint_state(run_dir: Path) -> TrainerState | None:
+    path = run_dir / "checkpoint" / "state.json"
+    if not path.exists():
+        return None
+    with reading_checkpoint(path.parent):
+        return read_state(TrainerState, path)
+
+
+def _load_checkpoint(run_dir: Path, model, optimizer) -> None:
     ckpt = run_dir / "checkpoint"
-    restored = load_crm(ckpt / "model")
-    model.load_state_dict(restored.state_dict())
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
-    return read_state(TrainerState, ckpt / "state.json")
+    with reading_checkpoint(ckpt):
+        restored = load_crm(ckpt / "model")
+        model.load_state_dict(restored.state_dict())
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
 
 
 def _flat(report: dict[str, Estimate], prefix: str) -> dict[str, float]:
@@ -113,10 +130,39 @@ def _flat(report: dict[str, Estimate], prefix: str) -> dict[str, float]:
 
 
 def train_crm(config: RunConfig, resume: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Train, early-stop on validation, evaluate the best model on test; returns the metrics JSON payload."""
+    """Train, early-stop on validation, evaluate the best model on test; returns the metrics JSON payload.
+
+    The run directory is this process's alone while it works (:func:`~recadapt.train.runlock.run_dir_lock`).
+    With ``resume`` an existing checkpoint continues, if it was written under the same config; a finished run
+    returns its metrics.
+    """
+    with run_dir_lock(config.run_dir) as recovered:
+        for line in recovered:
+            log.warning("%s: %s (left by an interrupted process)", config.run_dir, line)
+        return _train_crm(config, resume, progress)
+
+
+def _train_crm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any]:
     run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    options = model_kwargs(config)  # before any work: a bad model field fails at once, naming its line
+    fingerprint = crm_fingerprint(config)
+    state = _read_checkpoint_state(run_dir) if resume else None
+    if state is not None and state.fingerprint not in ("", fingerprint):
+        raise ConfigError(
+            run_dir / "checkpoint",
+            None,
+            "was written under a different training config (see its config.yaml); run with --restart to start "
+            "over, or choose another run name (name=...)",
+        )
+    save_config(config, run_dir / "config.yaml")  # only after the check: a refused run leaves it alone
+    evaluation = {"n_boot": config.train.n_boot}
+    if state is not None and state.finished and (run_dir / "metrics.json").exists():
+        previous = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        if previous.get("evaluation", evaluation) == evaluation:
+            return previous
+    if state is None:  # a new run: nothing of an earlier one in this directory may mix with it
+        for stale in ("metrics.json", "log.csv"):
+            (run_dir / stale).unlink(missing_ok=True)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     data, tc, protocol = config.data, config.train, config.data.protocol
@@ -124,16 +170,15 @@ def train_crm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
         data.dataset, protocol, data_root=data.data_dir, out_root=data.prepared_dir, seed=data.split_seed
     )
     torch.manual_seed(tc.seed)
-    model = build_crm(
-        config.model_name, n_items=prepared.n_items, n_users=prepared.n_users, **model_kwargs(config)
-    )
+    model = build_crm(config.model_name, n_items=prepared.n_items, n_users=prepared.n_users, **options)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    state = TrainerState()
-    if resume and (run_dir / "checkpoint" / "state.json").exists():
-        state = _load_checkpoint(run_dir, model, optimizer)
+    if state is not None:
+        _load_checkpoint(run_dir, model, optimizer)
         log.info("resuming %s after epoch %d", run_dir, state.epoch)
-    if state.finished and (run_dir / "metrics.json").exists():
-        return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        truncate_log(run_dir / "log.csv", state.epoch)  # rows of an epoch the checkpoint does not hold
+        state.fingerprint = fingerprint
+    else:
+        state = TrainerState(fingerprint=fingerprint)
 
     tensors = training_tensors(prepared, protocol, tc.max_len)
     n_train = len(tensors["target"])
@@ -150,14 +195,9 @@ def train_crm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
         order = torch.randperm(
             n_train, generator=torch.Generator().manual_seed(tc.seed * 100_003 + state.epoch)
         )
-        total, bar = (
-            0.0,
-            tqdm(
-                range(steps_per_epoch),
-                desc=f"epoch {state.epoch + 1}/{tc.epochs}",
-                disable=not progress,
-                leave=False,
-            ),
+        total = 0.0
+        bar = progress_bar(
+            range(steps_per_epoch), desc=f"epoch {state.epoch + 1}/{tc.epochs}", enabled=progress, leave=False
         )
         for i in bar:
             index = order[i * tc.batch_size : (i + 1) * tc.batch_size]
@@ -235,6 +275,7 @@ def train_crm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
         "test_samples": len(prepared.parts["test"]),
         "train_seconds": rounded_train_seconds(state),
         "train_seconds_this_process": round(train_seconds, 1),
+        "evaluation": evaluation,
         "test": {k: v.to_dict() for k, v in test.items()},
     }
     write_json_atomic(run_dir / "metrics.json", payload)

@@ -39,11 +39,13 @@ from recadapt.data.store import ensure_prepared
 from recadapt.errors import ConfigError, NonFiniteLossError
 from recadapt.io import atomic_directory, write_json_atomic
 from recadapt.methods.base import FullRankingModel
+from recadapt.progress import progress_bar
 from recadapt.tasks.evaluate import RANKING_KS, evaluation_rows
 from recadapt.tasks.metrics import Estimate, ranking_report, target_ranks
 from recadapt.train.config import EMBEDDING_METHODS, LLMConfig, RunConfig, run_fingerprints, save_config
 from recadapt.train.logger import RunLogger, truncate_log
-from recadapt.train.state import add_train_time, read_state, rounded_train_seconds
+from recadapt.train.runlock import run_dir_lock
+from recadapt.train.state import add_train_time, read_state, reading_checkpoint, rounded_train_seconds
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +164,7 @@ def rank_part(
     model.eval()
     histories = history_arrays(part["history"], max_len)
     scores = []
-    for start in tqdm(range(0, len(part), batch_size), desc=desc, disable=not progress, leave=False):
+    for start in progress_bar(range(0, len(part), batch_size), desc=desc, enabled=progress, leave=False):
         users, _ = model.user_embeddings(histories[start : start + batch_size])
         scores.append(model.logits(users, table).float().cpu().numpy())
     matrix = mask_seen_items(np.concatenate(scores), part)
@@ -192,10 +194,10 @@ def _save_checkpoint(
 
 
 def _read_state(path: Path) -> FullRankState | None:
-    try:
-        return read_state(FullRankState, path / "state.json")
-    except FileNotFoundError:
+    if not (path / "state.json").exists():
         return None
+    with reading_checkpoint(path):
+        return read_state(FullRankState, path / "state.json")
 
 
 def load_trainable(model: FullRankingModel, folder: Path) -> Tensor | None:
@@ -250,8 +252,16 @@ def train_fullrank(
 ) -> dict[str, Any]:
     """Train and test a Laser or DARec run; returns (and writes) ``metrics.json``'s payload.
 
-    ``evaluate_test=False`` (the adapter search's proxy runs) stops after model selection on validation.
+    ``evaluate_test=False`` (the adapter search's proxy runs) stops after model selection on validation. The
+    run directory is this process's alone while it works (:func:`~recadapt.train.runlock.run_dir_lock`).
     """
+    with run_dir_lock(config.run_dir) as recovered:
+        for line in recovered:
+            log.warning("%s: %s (left by an interrupted process)", config.run_dir, line)
+        return _train_fullrank(config, resume, progress, evaluate_test)
+
+
+def _train_fullrank(config: RunConfig, resume: bool, progress: bool, evaluate_test: bool) -> dict[str, Any]:
     llm = check_config(config)
     tc = config.train
     run_dir = config.run_dir
@@ -297,10 +307,11 @@ def train_fullrank(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, llm.warmup_ratio))
     table: Tensor | None = None
     if (ckpt / "state.json").exists():
-        table = load_trainable(model, ckpt)
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-        torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
+        with reading_checkpoint(ckpt):
+            table = load_trainable(model, ckpt)
+            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+            scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+            torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
         truncate_log(run_dir / "log.csv", state.step)
         truncate_log(run_dir / "valid.csv", state.step)
         print_fn(
@@ -330,7 +341,9 @@ def train_fullrank(
                 len(targets)
             )
             model.train()
-            bar = tqdm(total=per_epoch, initial=state.batch, desc=label, disable=not progress, leave=False)
+            bar = progress_bar(
+                total=per_epoch, initial=state.batch, desc=label, enabled=progress, leave=False
+            )
             while state.batch < per_epoch:
                 rows = order[state.batch * llm.batch_size : (state.batch + 1) * llm.batch_size]
                 step_table = table if model.table_needs_llm else model.item_table()

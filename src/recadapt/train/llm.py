@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import time
 import typing
@@ -56,6 +57,7 @@ from recadapt.llm.prompts import (
     load_templates,
     pick_template_index,
 )
+from recadapt.progress import progress_bar
 from recadapt.tasks.evaluate import RANKING_KS, evaluation_rows
 from recadapt.tasks.metrics import Estimate, ctr_report, mean_with_ci, ranking_report, target_ranks
 from recadapt.train.config import (
@@ -68,7 +70,8 @@ from recadapt.train.config import (
     save_config,
 )
 from recadapt.train.logger import RunLogger, truncate_log
-from recadapt.train.state import add_train_time, read_state, rounded_train_seconds
+from recadapt.train.runlock import run_dir_lock
+from recadapt.train.state import add_train_time, read_state, reading_checkpoint, rounded_train_seconds
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -89,6 +92,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+NATIVE_BF16_ENV = "RECADAPT_NATIVE_BF16"  # 1 / 0: treat the device as running bf16 natively or not
 CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "final"  # the trained adapter (and projector) alone
 ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's file names, so PeftModel.from_pretrained reads the folder
@@ -127,7 +131,13 @@ def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes in bf16 natively: CUDA with bf16 support, or a CPU with avx512_bf16 or AMX.
 
     Elsewhere bf16 is emulated; measured on an AVX2-only AMD EPYC, bf16 autocast ran ~7x slower than fp32.
+    ``$RECADAPT_NATIVE_BF16`` = 1 or 0 overrides the detection, so one machine can test both choices.
     """
+    forced = os.environ.get(NATIVE_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ValueError(f"${NATIVE_BF16_ENV} must be 0 or 1, got {forced!r}")
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     if device.type != "cpu":
@@ -158,50 +168,50 @@ def _check_config(config: RunConfig, llm: LLMConfig) -> None:
     method, protocol = config.model_name, config.data.protocol
     extra = sorted(set(config.model) - {"name"})
     if extra:
-        raise ConfigError("config", f"model.{extra[0]}", f"{method} takes its settings from the llm section")
+        raise config.error(f"model.{extra[0]}", f"{method} takes its settings from the llm section")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         if f.name not in TRAIN_FIELDS_USED and getattr(config.train, f.name) != getattr(defaults, f.name):
-            raise ConfigError(
-                "config",
+            raise config.error(
                 f"train.{f.name}",
                 f"has no effect on LLM runs (they read train.{', train.'.join(TRAIN_FIELDS_USED)}); "
                 f"set the llm section instead",
             )
     if protocol not in ("next-item", "ctr"):
-        raise ConfigError("config", "data.protocol", f"{method} supports next-item and ctr, not {protocol}")
+        raise config.error("data.protocol", f"{method} supports next-item and ctr, not {protocol}")
     if method == "llara" and protocol != "next-item":
-        raise ConfigError("config", "data.protocol", "llara is defined for next-item only")
+        raise config.error("data.protocol", "llara is defined for next-item only")
     if method in HYBRID_METHODS and not llm.crm_run:
-        raise ConfigError(
-            "config", "llm.crm_run", f"{method} needs a trained CRM run directory (e.g. SASRec)"
-        )
+        raise config.error("llm.crm_run", f"{method} needs a trained CRM run directory (e.g. SASRec)")
     if llm.history != "recent" and protocol != "ctr":
-        raise ConfigError(
-            "config",
+        raise config.error(
             "llm.history",
             "retrieval (SUBR) ranks history items by similarity to the target item, which only ctr gives; "
             "use llm.history=recent for next-item",
         )
     if llm.init_lora_from and llm.adapter not in ("cf-lora", "moe-lora"):
-        raise ConfigError(
-            "config",
+        raise config.error(
             "llm.init_lora_from",
             f"starts cf-lora or moe-lora from a trained LoRA, not {llm.adapter}",
         )
     if llm.adapter != "lora":
         if method == "zero-shot":
-            raise ConfigError("config", "llm.adapter", "zero-shot trains no adapter; leave it at lora")
+            raise config.error("llm.adapter", "zero-shot trains no adapter; leave it at lora")
         from recadapt.adapters import adapter_kind
 
+        known = {f.name for f in dataclasses.fields(adapter_kind(llm.adapter).config)}
+        for key in sorted(set(llm.adapter_options) - known):  # before any work, naming the file and line
+            raise config.error(
+                f"llm.adapter_options.{key}",
+                f"unknown option of adapter {llm.adapter} (known: {', '.join(sorted(known))})",
+            )
         if adapter_kind(llm.adapter).config.needs_cond and llm.cond == "crm" and not llm.crm_run:
-            raise ConfigError(
-                "config",
+            raise config.error(
                 "llm.crm_run",
                 f"adapter {llm.adapter} is conditioned on a CRM: name a trained CRM run",
             )
     if method != "zero-shot" and llm.max_steps == 0 and llm.epochs == 0:
-        raise ConfigError("config", "llm.epochs", "set llm.epochs or llm.max_steps > 0 to train")
+        raise config.error("llm.epochs", "set llm.epochs or llm.max_steps > 0 to train")
 
 
 def _evaluation_settings(config: RunConfig, llm: LLMConfig) -> dict[str, Any]:
@@ -648,6 +658,27 @@ def attach_adapter(backbone_model: nn.Module, llm: LLMConfig, cond_dim: int = 0)
     return adapted
 
 
+def _accelerator(precision: str, **options: Any) -> Accelerator:
+    """An ``Accelerator`` with mixed precision ``precision``. accelerate keeps one process-wide state and refuses
+    a second precision in the same process ("AcceleratorState has already been initialized"), so a Python session
+    that trains a bf16 run and then an fp32 one resets it first; only in a single-process run, where no other
+    rank shares that state."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != precision and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=precision, **options)
+
+
+def _unwrapped(accelerator: Accelerator, module: nn.Module) -> nn.Module:
+    """``module`` as built, without the autocast and fp32-output wrappers ``accelerator.prepare`` puts on its
+    ``forward``: left on, they make a module's precision depend on which path built it (a trained run's projector
+    projected in bf16, a reloaded one in fp32), so the same run scored differently after reloading."""
+    return accelerator.unwrap_model(module, keep_fp32_wrapper=False)
+
+
 def _inference_model(adapted: nn.Module) -> nn.Module:
     """What evaluation calls: PEFT's base model (LoRA layers inside), or the AdaptedModel itself (it takes cond)."""
     from recadapt.adapters import AdaptedModel
@@ -763,10 +794,10 @@ def _save_checkpoint(
 
 
 def _read_state(path: Path) -> LLMTrainerState | None:
-    try:
-        return read_state(LLMTrainerState, path / "state.json")
-    except FileNotFoundError:
+    if not (path / "state.json").exists():
         return None
+    with reading_checkpoint(path):
+        return read_state(LLMTrainerState, path / "state.json")
 
 
 def _load_checkpoint(
@@ -777,11 +808,12 @@ def _load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> None:
-    _load_weights(path, adapted, projector)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    _set_rng_state(rng[accelerator.process_index])
+    with reading_checkpoint(path):
+        _load_weights(path, adapted, projector)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        _set_rng_state(rng[accelerator.process_index])
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
@@ -819,7 +851,9 @@ def evaluate_llm(
 
     Next-item: HR@K, NDCG@K and MRR from each mode's :class:`~recadapt.llm.ranking.Ranking` (for ``generate`` and
     ``constrained`` a top-1 only, so HR@K = HR@1), and ValidRatio with its CI. Prompts use the evaluation template,
-    hybrid when ``embedder`` is given, and the same history truncation as in training.
+    hybrid when ``embedder`` is given, and the same history truncation as in training. Every forward (the
+    projection of CRM items, the adapter, the backbone) runs under ``autocast``, as in training; the caller passes
+    modules without accelerate's wrappers (:func:`_unwrapped`), so a trained and a reloaded run score alike.
     """
     from recadapt.llm.ranking import RankingMode, rank_candidates, yes_probability
 
@@ -843,7 +877,7 @@ def evaluate_llm(
         if yes_id == no_id:
             raise ValueError("the Yes and No answers start with the same token; CTR cannot be scored")
     chunks = [rows[i : i + _EVAL_CHUNK] for i in range(0, len(rows), _EVAL_CHUNK)]
-    for chunk in tqdm(chunks, desc="evaluate", disable=not progress, leave=False):
+    for chunk in progress_bar(chunks, desc="evaluate", enabled=progress, leave=False):
         chunk_rows = [int(r) for r in chunk]
         templates = [EVAL_TEMPLATE_INDEX] * len(chunk_rows)
         prompts, _ = encode_fitted(
@@ -856,9 +890,11 @@ def evaluate_llm(
             retrieved=[retrieved] * len(chunk_rows),
         )
         device = next(model.parameters()).device
-        inputs = _prompt_inputs(encoder.encode(prompts).to(device), embedder)
         cond = cond_source(factory, chunk_rows).to(device) if cond_source is not None else None
-        with autocast():
+        with (
+            autocast()
+        ):  # the one precision rule: projection, adapter and backbone all under the run's autocast
+            inputs = _prompt_inputs(encoder.encode(prompts).to(device), embedder)
             if factory.protocol == "ctr":
                 probs.append(
                     yes_probability(model, inputs, yes_id, no_id, batch_size=batch_size, cond=cond).numpy()
@@ -916,9 +952,20 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
     JSON payload, also written to ``RUN_DIR/metrics.json``.
 
     With ``resume`` a run directory holding a checkpoint continues from it (a finished run returns its metrics);
-    without, training starts over.
+    without, training starts over. The main process holds the run directory's lock throughout.
     """
-    from accelerate import Accelerator, PartialState
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return _train_llm(config, resume, progress)
+    with run_dir_lock(config.run_dir) as recovered:
+        for line in recovered:
+            log.warning("%s: %s (left by an interrupted process)", config.run_dir, line)
+        return _train_llm(config, resume, progress)
+
+
+def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any]:
+    from accelerate import PartialState
 
     from recadapt.llm.backbone import load_backbone
 
@@ -936,7 +983,7 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
     fingerprint = fingerprints[0]
 
     precision, why = select_precision(PartialState().device, llm.precision)
-    accelerator = Accelerator(gradient_accumulation_steps=llm.grad_accum, mixed_precision=precision)
+    accelerator = _accelerator(precision, gradient_accumulation_steps=llm.grad_accum)
     main = accelerator.is_main_process
     log.info("%s: mixed precision %s (%s)", run_dir, precision, why)
     if progress and main:
@@ -1026,7 +1073,9 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
 
     payload: dict[str, Any] = {}
     if main:
-        base = _inference_model(accelerator.unwrap_model(adapted)) if adapted is not None else model
+        # accelerate's mixed-precision wrappers come off: evaluation sets its own autocast, the same one a
+        # reloaded run uses (evaluate_llm_run), so both paths compute identical scores
+        base = _inference_model(_unwrapped(accelerator, adapted)) if adapted is not None else model
         rows, reports = _evaluate_part(
             config,
             base,
@@ -1034,7 +1083,7 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
             prepared,
             "test",
             item_table=item_table,
-            projector=accelerator.unwrap_model(projector) if projector is not None else None,
+            projector=_unwrapped(accelerator, projector) if projector is not None else None,
             modes=llm.eval_modes,
             autocast=accelerator.autocast,
             n_boot=tc.n_boot,
@@ -1186,7 +1235,7 @@ def evaluate_llm_run(
     Returns one report per mode (next-item) or ``{"ctr": ...}``. The run's own settings decide the prompts, the
     evaluation rows and the bootstrap seed, so the same modes reproduce ``metrics.json``.
     """
-    from accelerate import Accelerator, PartialState
+    from accelerate import PartialState
 
     from recadapt.llm.backbone import load_backbone
     from recadapt.train.config import load_config
@@ -1209,7 +1258,7 @@ def evaluate_llm_run(
     if data.protocol == "ctr":
         modes = list(llm.eval_modes)  # CTR has one scoring rule; the modes do not apply
 
-    accelerator = Accelerator(mixed_precision=select_precision(PartialState().device, llm.precision)[0])
+    accelerator = _accelerator(select_precision(PartialState().device, llm.precision)[0])
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     prepared = ensure_prepared(
@@ -1343,12 +1392,11 @@ def _train(
     )
     curriculum = CurriculumSchedule(total_steps, seed=seed) if embedder is not None else None
     trainable = [p for group in groups for p in group["params"]]
-    bar = tqdm(
+    bar = progress_bar(
         total=total_steps,
         initial=state.step,
         desc=config.run_name,
-        disable=not (progress and accelerator.is_main_process),
-        dynamic_ncols=True,
+        enabled=progress and accelerator.is_main_process,
     )
     window_started = clock = time.time()
     model.train()

@@ -60,7 +60,8 @@ def proxy_config(config: RunConfig, plan: str) -> RunConfig:
     model.update(adapter_plan=plan, valid_samples=int(model.get("search_valid_samples", 100)))
     return dataclasses.replace(
         config,
-        name=f"{config.run_name}/trials/{plan_hash(plan)}",
+        output_dir=str(config.run_dir / "trials"),  # a run name is one directory, not a path
+        name=plan_hash(plan),
         model=model,
         llm=proxy_llm,
     )

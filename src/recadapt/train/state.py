@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol, TypeVar
+
+from recadapt.errors import CheckpointError, ConfigError
 
 T = TypeVar("T")
 
@@ -21,6 +25,23 @@ def read_state(cls: type[T], path: Path) -> T:
     data = json.loads(path.read_text(encoding="utf-8"))
     data.setdefault("train_seconds", None)
     return cls(**data)
+
+
+@contextmanager
+def reading_checkpoint(folder: Path) -> Iterator[None]:
+    """Turn any failure to read ``folder`` (random bytes in ``optimizer.pt``, a truncated safetensors file, a
+    broken ``state.json``) into one :class:`CheckpointError` that names the folder and the way out (``--restart``),
+    instead of a pickle or safetensors traceback."""
+    try:
+        yield
+    except (CheckpointError, ConfigError):
+        raise
+    except Exception as exc:
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"{folder}: cannot resume from this checkpoint ({type(exc).__name__}: {first}); it is damaged or "
+            "was not written by this version of recadapt. Run the same command with --restart to start over"
+        ) from exc
 
 
 def add_train_time(state: Timed, since: float) -> float:

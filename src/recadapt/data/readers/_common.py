@@ -26,6 +26,29 @@ def require_file(path: Path) -> Path:
     return path
 
 
+NO_VERIFY_HINT = "pass verify=False (CLI --no-verify, or RECADAPT_NO_VERIFY=1) to read it anyway"
+
+
+def check_recorded_hashes(root: Path, sources: Mapping[str, str], recorded: Mapping[str, str]) -> None:
+    """Refuse a file of a published dataset whose SHA-256 differs from the recorded one.
+
+    A copy cut at a line boundary (or otherwise edited) still parses, and would silently give other data than
+    the published one. ``sources`` are the hashes the reader computed anyway (keys relative to ``root``, the
+    data directory), so this costs no extra read. Called after parsing, so a malformed line is still reported
+    at its line.
+    """
+    for name, digest in sorted(sources.items()):
+        expected = recorded.get(name)
+        if expected is not None and digest != expected:
+            raise DataFormatError(
+                Path(root) / name,
+                None,
+                None,
+                f"SHA-256 {digest[:16]}... does not match the recorded {expected[:16]}... of the published file "
+                f"(truncated or modified copy?); {NO_VERIFY_HINT}",
+            )
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Parquet: rows are reported as 1-based ``line`` numbers (row 1 is the first data row).
 

@@ -9,6 +9,10 @@ read as item 0 and must then carry a title, otherwise it is padding inside a his
 are the union of targets and history entries, titled from ``title`` and ``his_title`` (which must agree). The
 ratings behind the labels are not published: ``rating`` is NaN and ``label`` (rating > 3) is kept.
 ``valid_small_ood2`` (a subset of valid) is not read.
+
+With ``verify`` (the default) the files must have the SHA-256 in :data:`RECORDED_SHA256`: that of the Parquet
+conversion of CoLLM's pickles shipped in the project's data folder (values unchanged; its
+PROVENANCE.original.md pins the published zip).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from recadapt.data.readers._common import (
+    check_recorded_hashes,
     first_true,
     int_column,
     interactions_frame,
@@ -38,6 +43,11 @@ from recadapt.io import sha256_file
 FOLDER = "collm-ml-1m"
 PARTS = ("train", "valid", "test")
 PADDING = 0
+RECORDED_SHA256 = {
+    f"{FOLDER}/train_ood2.parquet": "01966bb82a9f756457148ae5747768bfaa1f51d197ee41306b103a49fcd01083",
+    f"{FOLDER}/valid_ood2.parquet": "22c28bd35666cd71a6f86801ac73284fa62b95c679069fea237ab0c8bcb1a88a",
+    f"{FOLDER}/test_ood2.parquet": "4194c8c8b767cc2022ec0b563af138bea548936d278e2d216722af78dd791640",
+}
 _COLUMNS = {
     "uid": is_int,
     "iid": is_int,
@@ -135,8 +145,11 @@ def _catalogue(parts: dict[str, _Part]) -> pd.DataFrame:
     )
 
 
-def read_collm_ml1m(data_dir: Path) -> Dataset:
-    """Read the CoLLM ML-1M CTR split: 838 users, 3,255 items, 33,891 / 10,401 / 7,331 samples."""
+def read_collm_ml1m(data_dir: Path, *, verify: bool = True) -> Dataset:
+    """Read the CoLLM ML-1M CTR split: 838 users, 3,255 items, 33,891 / 10,401 / 7,331 samples.
+
+    ``verify=False`` reads copies whose files differ from the recorded ones (see the module docstring).
+    """
     folder = Path(data_dir) / FOLDER
     parts = {name: _Part(folder / f"{name}_ood2.parquet") for name in PARTS}
     items = _catalogue(parts)
@@ -169,6 +182,8 @@ def read_collm_ml1m(data_dir: Path) -> Dataset:
         extra={"label": merged["label"].to_numpy()},
     )
     sources = {f"{FOLDER}/{p.path.name}": sha256_file(p.path) for p in parts.values()}
+    if verify:
+        check_recorded_hashes(folder.parent, sources, RECORDED_SHA256)
     dataset = Dataset(
         name="ml-1m-ctr",
         interactions=interactions,

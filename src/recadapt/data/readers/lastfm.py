@@ -13,6 +13,10 @@ data every user starts with an all-padding row, and this gives the 976 training 
 ``raw_id`` ``train:<k>`` (k-th reconstructed user), ``valid:<row>`` or ``test:<row>``.
 Interactions are each user's items in sequence order; ``timestamp`` is the position within the user,
 ``rating`` is NaN.
+
+With ``verify`` (the default) every file read must have the recorded SHA-256: the HetRec files' are
+:data:`RECORDED_SHA256` (``lastfm-hetrec2011-2k/PROVENANCE.md``), the split's
+:data:`recadapt.data.readers.llara.RECORDED_SHA256`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recadapt.data.readers._common import first_true
+from recadapt.data.readers._common import check_recorded_hashes, first_true
 from recadapt.data.readers._text import Field, raise_at_row, read_table
 from recadapt.data.readers.llara import (
     FOLDER,
@@ -36,12 +40,18 @@ from recadapt.data.readers.llara import (
     row_events,
     samples,
 )
+from recadapt.data.readers.llara import RECORDED_SHA256 as LLARA_RECORDED_SHA256
 from recadapt.data.schema import Dataset
 from recadapt.io import sha256_file
 
 logger = logging.getLogger(__name__)
 
 HETREC_FOLDER = "lastfm-hetrec2011-2k"
+RECORDED_SHA256 = {
+    f"{HETREC_FOLDER}/artists.dat": "c173881362c6b28551368fecb3c0be5a6a30a6cd859e1f5775413dfe46d48648",
+    f"{HETREC_FOLDER}/tags.dat": "e95175f259be4c0c47644ae23d66131cd6d5767142a1405000e79f5584691d70",
+    f"{HETREC_FOLDER}/user_taggedartists.dat": "d31fe938fcfeed6f0059f37a36b156f63674d073fc2553e5cc9dc1595e365bc7",
+}
 TOP_TAGS = 5
 
 
@@ -153,8 +163,11 @@ def match_names(llara_names: list[str], hetrec_names: list[str]) -> tuple[list[s
     return out, stats
 
 
-def read_lastfm(data_dir: Path) -> Dataset:
-    """Read LastFM: 4,606 artists, 976 + 122 + 122 users, the published next-item split as ``presplit``."""
+def read_lastfm(data_dir: Path, *, verify: bool = True) -> Dataset:
+    """Read LastFM: 4,606 artists, 976 + 122 + 122 users, the published next-item split as ``presplit``.
+
+    ``verify=False`` reads copies whose files differ from the recorded ones (see the module docstring).
+    """
     data_dir = Path(data_dir)
     folder = data_dir / FOLDER / "lastfm"
     items = read_id2name_items(folder / "id2name.txt")
@@ -200,6 +213,8 @@ def read_lastfm(data_dir: Path) -> Dataset:
     sources = {f"{FOLDER}/lastfm/id2name.txt": sha256_file(folder / "id2name.txt")}
     sources |= {f"{FOLDER}/lastfm/{PART_FILES[p]}": sha256_file(r.path) for p, r in loaded.items()}
     sources |= hetrec_sources
+    if verify:
+        check_recorded_hashes(data_dir, sources, LLARA_RECORDED_SHA256 | RECORDED_SHA256)
     dataset = Dataset(
         name="lastfm",
         interactions=events_frame(events),

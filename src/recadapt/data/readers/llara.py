@@ -10,6 +10,10 @@ so the history stored here (the real items) is empty for those rows; the protoco
 ``next_rating``; item ids are ML-100K id - 1, so items and titles come from ``ml-100k/u.item`` and ``raw_id``
 is the ML-100K movie id. ``steam-llara-test``: Test only (1,194 rows) with ``id2name.txt``. Both are
 evaluation-only: one user per row, interactions are each row's history followed by its target.
+
+With ``verify`` (the default) the files must have the SHA-256 recorded in :data:`RECORDED_SHA256`: for
+``id2name.txt`` the published bytes (``llara-splits/PROVENANCE.original.md``), for the splits the Parquet
+conversion of the published pickles shipped in the project's data folder (values unchanged, README.md there).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from recadapt.data.readers._common import (
+    check_recorded_hashes,
     first_true,
     fixed_width_matrix,
     int_column,
@@ -35,6 +40,7 @@ from recadapt.data.readers._common import (
 )
 from recadapt.data.readers._text import read_id2name
 from recadapt.data.readers.ml100k import FOLDER as ML100K_FOLDER
+from recadapt.data.readers.ml100k import RECORDED_SHA256 as ML100K_RECORDED_SHA256
 from recadapt.data.readers.ml100k import read_ml100k_items
 from recadapt.data.schema import Dataset
 from recadapt.errors import DataFormatError
@@ -43,6 +49,16 @@ from recadapt.io import sha256_file
 FOLDER = "llara-splits"
 SEQ_WIDTH = 10
 PART_FILES = {"train": "train_data.parquet", "valid": "Val_data.parquet", "test": "Test_data.parquet"}
+RECORDED_SHA256 = {
+    f"{FOLDER}/lastfm/id2name.txt": "b608bcf14300b1608ccd88f4fe240e6345125201ecdb55157395c19787fe4eaf",
+    f"{FOLDER}/lastfm/train_data.parquet": "1b2c5c4d198df82311fe49de2b65319de6aefba0dff182fd7e8d5af619cdf7fd",
+    f"{FOLDER}/lastfm/Val_data.parquet": "f71deb9bac536c90fff2b9cee8caa84dd7ce2bc49655bf3824b9668401afd985",
+    f"{FOLDER}/lastfm/Test_data.parquet": "911e4344aac225ab1e77f04bd4531236d849c11c87f49e70a0416b54b88bd6fd",
+    f"{FOLDER}/movielens/Val_data.parquet": "e268fee47d9e3a14afc05f4f133ad3d70d66929fbf583b81a4d8be5d8da3dfdb",
+    f"{FOLDER}/movielens/Test_data.parquet": "11660130a47f8e92b77e57a48fc1a99121fb71343ed76b9c736642606e61b571",
+    f"{FOLDER}/steam/id2name.txt": "dada06a1306c36c91fb1ee3f980df7bee894024b3f52d20832ec2340524d7b7b",
+    f"{FOLDER}/steam/Test_data.parquet": "d0e4b0cabdada5994f040dcd7fcb3fca6bfe84599fb6cc6a86a316a837ccf8b6",
+}
 
 
 @dataclass
@@ -157,8 +173,17 @@ def per_row_users(parts: dict[str, int]) -> tuple[dict[str, np.ndarray], pd.Data
 
 
 def _eval_dataset(
-    name: str, domain: str, items: pd.DataFrame, loaded: dict[str, Rows], sources: dict[str, str]
+    name: str,
+    domain: str,
+    items: pd.DataFrame,
+    loaded: dict[str, Rows],
+    sources: dict[str, str],
+    *,
+    data_dir: Path,
+    verify: bool,
 ) -> Dataset:
+    if verify:
+        check_recorded_hashes(data_dir, sources, ML100K_RECORDED_SHA256 | RECORDED_SHA256)
     user_ids, users = per_row_users({part: len(rows) for part, rows in loaded.items()})
     presplit = {"next-item": {part: samples(rows, user_ids[part]) for part, rows in loaded.items()}}
     events = [
@@ -177,8 +202,11 @@ def _eval_dataset(
     return dataset
 
 
-def read_movielens_llara_test(data_dir: Path) -> Dataset:
-    """LLaRA's MovieLens valid/test samples with ratings; titles and genres from ``ml-100k/u.item``."""
+def read_movielens_llara_test(data_dir: Path, *, verify: bool = True) -> Dataset:
+    """LLaRA's MovieLens valid/test samples with ratings; titles and genres from ``ml-100k/u.item``.
+
+    ``verify=False`` reads copies whose files differ from the recorded ones (see the module docstring).
+    """
     data_dir = Path(data_dir)
     items, sources = read_ml100k_items(data_dir / ML100K_FOLDER)
     folder = data_dir / FOLDER / "movielens"
@@ -186,7 +214,9 @@ def read_movielens_llara_test(data_dir: Path) -> Dataset:
         part: read_rows(folder / PART_FILES[part], len(items), rated=True) for part in ("valid", "test")
     }
     sources |= {f"{FOLDER}/movielens/{PART_FILES[p]}": sha256_file(r.path) for p, r in loaded.items()}
-    return _eval_dataset("movielens-llara-test", "movie", items, loaded, sources)
+    return _eval_dataset(
+        "movielens-llara-test", "movie", items, loaded, sources, data_dir=data_dir, verify=verify
+    )
 
 
 def read_id2name_items(path: Path) -> pd.DataFrame:
@@ -201,11 +231,15 @@ def read_id2name_items(path: Path) -> pd.DataFrame:
     )
 
 
-def read_steam_llara_test(data_dir: Path) -> Dataset:
-    """LLaRA's Steam test samples (1,194 rows); its train and valid splits were not published usably."""
-    folder = Path(data_dir) / FOLDER / "steam"
+def read_steam_llara_test(data_dir: Path, *, verify: bool = True) -> Dataset:
+    """LLaRA's Steam test samples (1,194 rows); its train and valid splits were not published usably.
+
+    ``verify=False`` reads copies whose files differ from the recorded ones (see the module docstring).
+    """
+    data_dir = Path(data_dir)
+    folder = data_dir / FOLDER / "steam"
     items = read_id2name_items(folder / "id2name.txt")
     loaded = {"test": read_rows(folder / PART_FILES["test"], len(items))}
     sources = {f"{FOLDER}/steam/id2name.txt": sha256_file(folder / "id2name.txt")}
     sources |= {f"{FOLDER}/steam/{PART_FILES[p]}": sha256_file(r.path) for p, r in loaded.items()}
-    return _eval_dataset("steam-llara-test", "game", items, loaded, sources)
+    return _eval_dataset("steam-llara-test", "game", items, loaded, sources, data_dir=data_dir, verify=verify)

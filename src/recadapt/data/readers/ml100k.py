@@ -3,6 +3,9 @@
 ``u.data`` (tab: user, item, rating, unix time), ``u.item`` (pipe, 24 fields, **latin-1**), ``u.user`` (pipe:
 age, gender, occupation, zip) and ``u.genre`` (genre names by flag position). Dense ids follow the raw id
 order, so raw id 1 is 0 and LLaRA's MovieLens ids (ML-100K id - 1) coincide with ours.
+
+With ``verify`` (the default) every file read must have the SHA-256 of the GroupLens original (the table
+:data:`recadapt.data.fetch.ML100K_SHA256`, which the downloader checks too).
 """
 
 from __future__ import annotations
@@ -12,13 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recadapt.data.readers._common import first_true, interactions_frame
+from recadapt.data.fetch import ML100K_SHA256
+from recadapt.data.readers._common import check_recorded_hashes, first_true, interactions_frame
 from recadapt.data.readers._text import Field, raise_at_row, read_table
 from recadapt.data.schema import Dataset
 from recadapt.errors import DataFormatError
 from recadapt.io import sha256_file
 
 FOLDER = "ml-100k"
+RECORDED_SHA256 = {f"{FOLDER}/{name}": digest for name, digest in ML100K_SHA256.items()}
 ITEM_ENCODING = "latin-1"  # u.item is ISO-8859-1; UTF-8 decoding fails on "Misérables" and others
 _ITEM_FIXED = (
     Field("item_id", "int"),
@@ -81,7 +86,7 @@ def read_ml100k_items(folder: Path) -> tuple[pd.DataFrame, dict[str, str]]:
     ``release_date``.
 
     Returned with the hashes of the files read (keys relative to the data root), so the LLaRA MovieLens reader
-    can reuse it.
+    can reuse it; the caller checks them against :data:`RECORDED_SHA256` once everything parsed.
     """
     genres = read_genres(folder / "u.genre")
     fields = _ITEM_FIXED + tuple(Field(g, "int") for g in genres)
@@ -109,8 +114,11 @@ def read_ml100k_items(folder: Path) -> tuple[pd.DataFrame, dict[str, str]]:
     return items, sources
 
 
-def read_ml100k(data_dir: Path) -> Dataset:
-    """Read MovieLens 100K: 943 users, 1682 items, 100,000 explicit ratings with unix timestamps."""
+def read_ml100k(data_dir: Path, *, verify: bool = True) -> Dataset:
+    """Read MovieLens 100K: 943 users, 1682 items, 100,000 explicit ratings with unix timestamps.
+
+    ``verify=False`` reads a copy whose files differ from the published ones (see the module docstring).
+    """
     folder = Path(data_dir) / FOLDER
     items, sources = read_ml100k_items(folder)
     known_items = items["raw_id"].astype(np.int64).to_numpy()
@@ -146,6 +154,8 @@ def read_ml100k(data_dir: Path) -> Dataset:
     if not len(interactions):
         raise DataFormatError(data_path, None, None, "no interactions")
     sources.update({f"{FOLDER}/{name}": sha256_file(folder / name) for name in ("u.data", "u.user")})
+    if verify:
+        check_recorded_hashes(folder.parent, sources, RECORDED_SHA256)
     dataset = Dataset(
         name="ml-100k",
         interactions=interactions,

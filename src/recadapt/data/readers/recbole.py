@@ -15,6 +15,19 @@ there; without it, they follow the order of first appearance (as RecBole's own r
 come from ``title``, ``movie_title`` or ``name`` verbatim ('' if none). Other ``token`` attributes are kept
 verbatim, ``token_seq`` ones '|' joined, ``float`` ones as numbers and ``float_seq`` ones as their text.
 
+Damaged or sloppy files (warnings go to this module's logger, once per file and kind, with a count):
+
+- a row with fewer fields than the header is a :class:`~recadapt.errors.DataFormatError` at its line; when it
+  is the last line and the file does not end with a newline, the message says the file was cut off mid-row.
+  A complete last row without a newline is fine (a cut inside its last field cannot be told apart);
+- a UTF-8 byte order mark at the start of a file is skipped, with a warning (Windows editors write one);
+- ids (the ``user_id`` / ``item_id`` tokens of every file) lose surrounding ASCII whitespace, with a warning
+  counting them and naming the first line, so ``" 12"`` and ``"12"`` are one id (the pieces of
+  ``item_id_list`` are split on spaces, so there it never mattered). An id that is only whitespace is an error;
+- in a ``.inter`` with a ``timestamp`` column, rows identical in every field (a duplicated line) are dropped,
+  keeping the first, with a warning counting them. Without timestamps a repeated line is a repeated event in the
+  line order and is kept; the split convention's rows are samples and are kept as published.
+
 The bulk path is Arrow end to end (parse, hash factorisation, one composite-key sort), with no Python work per
 line: a 25M-line ``.inter`` loads in about 20 s on two cores. Only when parsing fails is the file walked line
 by line, to name the bad line.
@@ -22,6 +35,8 @@ by line, to name the bad line.
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +51,7 @@ from recadapt.data.readers._common import (
     positions_within,
     ragged,
 )
-from recadapt.data.readers._text import Field, raise_at_row, read_header, read_table
+from recadapt.data.readers._text import Field, line_of_row, raise_at_row, read_header, read_table
 from recadapt.data.schema import Dataset
 from recadapt.errors import DataFormatError
 from recadapt.io import sha256_file
@@ -46,6 +61,11 @@ TITLE_FIELDS = ("title", "movie_title", "name")
 SPLIT_PARTS = ("train", "valid", "test")
 USER, ITEM, RATING, TIME, HISTORY = "user_id", "item_id", "rating", "timestamp", "item_id_list"
 _HEADER = 1  # the header is line 1, and the one line before the data rows
+_BOM = "\ufeff"
+_EXACT_TIME = "timestamp:exact"  # a column name no header can declare (names stop at the first ':')
+_CUT_OFF_MESSAGES = ("truncated line", "empty value")
+
+logger = logging.getLogger(__name__)
 
 Tokens = pa.Array | pa.ChunkedArray
 
@@ -73,6 +93,9 @@ class AtomicFile:
 def parse_header(path: Path) -> dict[str, AtomicField]:
     """The ``name:type`` entries of line 1, checked for syntax, known types and duplicates."""
     text, line = read_header(path), _HEADER
+    if text.startswith(_BOM):
+        logger.warning("%s: skipped the UTF-8 byte order mark at the start of the file", path)
+        text = text[len(_BOM) :]
     if not text:
         raise DataFormatError(path, line, None, "empty header: expected tab-separated name:type entries")
     fields: dict[str, AtomicField] = {}
@@ -100,18 +123,99 @@ def read_atomic(path: Path, required: dict[str, str], optional: dict[str, str] |
             raise DataFormatError(path, _HEADER, name, f"missing required field {name}:{kind}")
         if field is not None and field.type != kind:
             raise DataFormatError(path, _HEADER, name, f"must have type {kind}, not {field.type}")
-    table = read_table(
-        path,
-        [Field(f.name, "float" if f.type == "float" else "str") for f in fields.values()],
-        delimiter="\t",
-        header_lines=_HEADER,
-    )
+    try:
+        table = read_table(
+            path,
+            [Field(f.name, "float" if f.type == "float" else "str") for f in fields.values()],
+            delimiter="\t",
+            header_lines=_HEADER,
+        )
+    except DataFormatError as err:
+        raise explain_cut_off(err) from None
     for name, kind in required.items():
         if kind == "token":
+            table = strip_id_whitespace(path, table, name)
             empty = first_true(pc.equal(table.column(name), "").to_numpy(zero_copy_only=False))
             if empty is not None:
                 raise_at_row(path, empty, _HEADER, name, "empty token")
     return AtomicFile(path, fields, table)
+
+
+def explain_cut_off(err: DataFormatError) -> DataFormatError:
+    """Say so when a bad row is the last line of a file that does not end with a newline: the file was most
+    likely cut off mid-row (an interrupted copy or download), which a bare "truncated line" does not tell."""
+    if err.line is None or not err.message.startswith(_CUT_OFF_MESSAGES):
+        return err
+    with open(err.path, "rb") as handle:
+        if handle.seek(0, os.SEEK_END) == 0:
+            return err
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) == b"\n":
+            return err
+        handle.seek(0)
+        newlines = sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+    if err.line != newlines + 1:
+        return err
+    return DataFormatError(
+        err.path,
+        err.line,
+        err.field,
+        f"{err.message} (the file ends inside this line, without a newline: cut off mid-row?)",
+    )
+
+
+def strip_id_whitespace(path: Path, table: pa.Table, name: str) -> pa.Table:
+    """``table`` with surrounding ASCII whitespace removed from the id column ``name``, warning with a count.
+
+    Left alone, ``" 12"`` and ``"12"`` would silently be two users or items.
+    """
+    column = table.column(name)
+    stripped = pc.ascii_trim_whitespace(column)
+    changed = pc.not_equal(stripped, column)
+    count = pc.sum(changed).as_py() or 0
+    if not count:
+        return table
+    row = int(np.flatnonzero(changed.to_numpy(zero_copy_only=False))[0])
+    logger.warning(
+        "%s: stripped surrounding whitespace from %d %s value(s), first at line %s (%r)",
+        path,
+        count,
+        name,
+        line_of_row(path, row, _HEADER),
+        column[row].as_py(),
+    )
+    return table.set_column(table.schema.get_field_index(name), name, stripped)
+
+
+def drop_duplicate_rows(frame: pd.DataFrame, time_column: str, path: Path, users: pa.Array) -> pd.DataFrame:
+    """Drop rows identical in every field to an earlier one (a duplicated line), warning with a count.
+
+    ``frame`` is sorted by (user, time, line), so identical rows sit in one run of equal (user, time): only
+    those runs are compared, which keeps this linear on large files.
+    """
+    user, time = frame["user_id"].to_numpy(), frame[time_column].to_numpy()
+    tie = (user[1:] == user[:-1]) & (time[1:] == time[:-1])
+    if not tie.any():
+        return frame
+    in_run = np.zeros(len(frame), dtype=bool)
+    in_run[1:] |= tie
+    in_run[:-1] |= tie
+    candidates = np.flatnonzero(in_run)
+    duplicate = candidates[frame.iloc[candidates].duplicated(keep="first").to_numpy()]
+    if not duplicate.size:
+        return frame
+    first = int(duplicate[0])
+    logger.warning(
+        "%s: dropped %d duplicate row(s), identical in every field to an earlier line (first: user %r at "
+        "timestamp %s)",
+        path,
+        duplicate.size,
+        users[int(user[first])].as_py(),
+        time[first],
+    )
+    keep = np.ones(len(frame), dtype=bool)
+    keep[duplicate] = False
+    return frame[keep].reset_index(drop=True)
 
 
 def split_tokens(column: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
@@ -304,9 +408,17 @@ def _read_plain(name: str, path: Path, item_file: AtomicFile | None, user_file: 
         if field.name not in (USER, ITEM, RATING, TIME):
             col = inter.column(field.name)
             extra[field.name] = col.to_numpy() if field.type == "float" else col.to_pandas()
+    dedupe_on = None
+    if TIME in inter.fields:
+        dedupe_on = "timestamp"
+        if not np.array_equal(timestamp, np.floor(timestamp)):  # the frame floors times: compare exact ones
+            extra[_EXACT_TIME], dedupe_on = timestamp, _EXACT_TIME
     del inter  # free the parsed text before the sort allocates
     pa.default_memory_pool().release_unused()
     interactions = interactions_frame(user, item, rating, timestamp, extra)
+    if dedupe_on is not None:
+        interactions = drop_duplicate_rows(interactions, dedupe_on, path, users.vocabulary)
+        interactions = interactions.drop(columns=[_EXACT_TIME], errors="ignore")
     return Dataset(name=name, interactions=interactions, items=items.frame, users=users.frame)
 
 
