@@ -199,5 +199,5 @@ def test_a_damaged_checkpoint_is_a_one_line_error_with_the_restart_hint(tmp_path
     assert main([*common, "train.epochs=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert f"{run_dir / 'checkpoint'}: cannot resume from this checkpoint" in err[0] and "--restart" in err[0]
+    assert f"{run_dir / 'checkpoint'}: cannot resume from this checkpoint (optimizer.pt is not a tensor file" in err[0] and "--restart" in err[0]
     assert main([*common, "train.epochs=2", "--restart"]) == 0

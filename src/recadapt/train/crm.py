@@ -32,7 +32,13 @@ from recadapt.tasks.metrics import Estimate
 from recadapt.train.config import RunConfig, model_options, save_config
 from recadapt.train.logger import RunLogger, truncate_log
 from recadapt.train.runlock import run_dir_lock
-from recadapt.train.state import add_train_time, read_state, reading_checkpoint, rounded_train_seconds
+from recadapt.train.state import (
+    add_train_time,
+    load_tensors,
+    read_state,
+    reading_checkpoint,
+    rounded_train_seconds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +127,8 @@ def _load_checkpoint(run_dir: Path, model, optimizer) -> None:
     with reading_checkpoint(ckpt):
         restored = load_crm(ckpt / "model")
         model.load_state_dict(restored.state_dict())
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
+        optimizer.load_state_dict(load_tensors(ckpt / "optimizer.pt"))
+        torch.set_rng_state(load_tensors(ckpt / "rng.pt")["torch"])
 
 
 def _flat(report: dict[str, Estimate], prefix: str) -> dict[str, float]:

@@ -45,7 +45,13 @@ from recadapt.tasks.metrics import Estimate, ranking_report, target_ranks
 from recadapt.train.config import EMBEDDING_METHODS, LLMConfig, RunConfig, run_fingerprints, save_config
 from recadapt.train.logger import RunLogger, truncate_log
 from recadapt.train.runlock import run_dir_lock
-from recadapt.train.state import add_train_time, read_state, reading_checkpoint, rounded_train_seconds
+from recadapt.train.state import (
+    add_train_time,
+    load_tensors,
+    read_state,
+    reading_checkpoint,
+    rounded_train_seconds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -309,9 +315,9 @@ def _train_fullrank(config: RunConfig, resume: bool, progress: bool, evaluate_te
     if (ckpt / "state.json").exists():
         with reading_checkpoint(ckpt):
             table = load_trainable(model, ckpt)
-            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-            scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-            torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
+            optimizer.load_state_dict(load_tensors(ckpt / "optimizer.pt"))
+            scheduler.load_state_dict(load_tensors(ckpt / "scheduler.pt"))
+            torch.set_rng_state(load_tensors(ckpt / "rng.pt")["torch"])
         truncate_log(run_dir / "log.csv", state.step)
         truncate_log(run_dir / "valid.csv", state.step)
         print_fn(

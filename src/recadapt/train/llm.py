@@ -71,7 +71,13 @@ from recadapt.train.config import (
 )
 from recadapt.train.logger import RunLogger, truncate_log
 from recadapt.train.runlock import run_dir_lock
-from recadapt.train.state import add_train_time, read_state, reading_checkpoint, rounded_train_seconds
+from recadapt.train.state import (
+    add_train_time,
+    load_tensors,
+    read_state,
+    reading_checkpoint,
+    rounded_train_seconds,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -810,9 +816,9 @@ def _load_checkpoint(
 ) -> None:
     with reading_checkpoint(path):
         _load_weights(path, adapted, projector)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        rng = torch.load(path / "rng.pt", weights_only=True)
+        optimizer.load_state_dict(load_tensors(path / "optimizer.pt"))
+        scheduler.load_state_dict(load_tensors(path / "scheduler.pt"))
+        rng = load_tensors(path / "rng.pt")
         _set_rng_state(rng[accelerator.process_index])
 
 

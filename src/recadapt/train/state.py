@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from recadapt.errors import CheckpointError, ConfigError
 
@@ -37,11 +37,23 @@ def reading_checkpoint(folder: Path) -> Iterator[None]:
     except (CheckpointError, ConfigError):
         raise
     except Exception as exc:
-        first = (str(exc).splitlines() or [""])[0][:200]
+        first = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
         raise CheckpointError(
-            f"{folder}: cannot resume from this checkpoint ({type(exc).__name__}: {first}); it is damaged or "
-            "was not written by this version of recadapt. Run the same command with --restart to start over"
+            f"{folder}: cannot resume from this checkpoint ({first}); it is damaged or was not written by this "
+            "version of recadapt. Run the same command with --restart to start over"
         ) from exc
+
+
+def load_tensors(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never an arbitrary pickle. A
+    file that is not one says so by name (torch's own message suggests ``weights_only=False``, which is exactly
+    what must not be done with a file of unknown origin)."""
+    import torch
+
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path.name} is not a tensor file that loads without unpickling code") from exc
 
 
 def add_train_time(state: Timed, since: float) -> float:
