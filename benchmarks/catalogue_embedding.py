@@ -43,8 +43,8 @@ def main() -> None:
     from recadapt.llm.backbone import load_backbone
     from recadapt.llm.embedding import HistoryPromptBuilder, embed_in_batches
     from recadapt.llm.retrieval import embed_item_texts
+    from recadapt.llm.samples import item_titles
     from recadapt.methods.laser import Laser, LaserConfig, suffix_initialisation
-    from recadapt.train.llm import item_titles
 
     prepared = ensure_prepared(args.dataset, "full-ranking", data_root=args.data_dir)
     titles = item_titles(prepared.items, prepared.n_items)

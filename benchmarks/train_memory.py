@@ -35,10 +35,11 @@ def child(args: argparse.Namespace) -> None:
     """One configuration; prints one JSON line."""
     import torch
 
+    from recadapt.adapters.build import enable_gradient_checkpointing, with_lora
     from recadapt.llm import load_backbone
     from recadapt.llm.prompts import IGNORE_INDEX
     from recadapt.train.config import LLMConfig
-    from recadapt.train.llm import answer_loss, enable_gradient_checkpointing, with_lora
+    from recadapt.train.llm_loop import answer_loss
 
     if args.threads:
         torch.set_num_threads(args.threads)

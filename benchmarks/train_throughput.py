@@ -49,11 +49,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from torch import Tensor, nn
 
+from recadapt.adapters.build import with_lora
 from recadapt.adapters.dropout import FastDropout, set_lora_dropout
 from recadapt.llm import load_backbone
 from recadapt.llm.prompts import IGNORE_INDEX
 from recadapt.train.config import LLMConfig
-from recadapt.train.llm import answer_loss, select_precision, with_lora
+from recadapt.train.llm_loop import answer_loss
+from recadapt.train.precision import select_precision
 
 MATMUL_BUDGET_S = 10.0  # timed seconds per reference matmul after which repeats stop
 PRECISION_CHOICES = {"auto": "auto", "fp32": "no", "bf16": "bf16"}  # --precision -> llm.precision
@@ -104,7 +106,7 @@ def train_step(
     """Seconds of one training step (forward, backward, clipping, optimizer) on ``input_ids``, and its loss.
 
     ``answer_tokens`` 0: every position is a label (plain LM training, the model's own loss); N > 0: only the last
-    N tokens of each row are labels and the recipe's :func:`~recadapt.train.llm.answer_loss` runs the output
+    N tokens of each row are labels and the recipe's :func:`~recadapt.train.llm_loop.answer_loss` runs the output
     layer at those positions only, as recommendation training does (a short answer after a long prompt).
     """
     model.train()

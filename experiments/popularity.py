@@ -13,8 +13,8 @@ import numpy as np
 from recadapt.data.protocols import list_offsets_values, to_list_array
 from recadapt.data.store import ensure_prepared
 from recadapt.tasks.evaluate import RANKING_KS, evaluation_rows
+from recadapt.tasks.fullrank import mask_seen_items
 from recadapt.tasks.metrics import ranking_report, target_ranks
-from recadapt.train.fullrank import mask_seen_items
 
 
 def main() -> None:

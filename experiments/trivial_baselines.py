@@ -64,7 +64,7 @@ def _candidate_ranking(
 def tag_overlap(data_dir: str | None, n_tags: int, seed: int) -> dict[str, Estimate]:
     """Content: a candidate's score is how many times its first ``n_tags`` HetRec tags occur among the history's
     (the tags ``llm.item_tags=n_tags`` writes into the prompts)."""
-    from recadapt.train.llm import item_tag_lists
+    from recadapt.llm.samples import item_tag_lists
 
     prepared = ensure_prepared("lastfm", "next-item", data_root=data_dir)
     tags = [t[:n_tags] for t in item_tag_lists(prepared.items, prepared.n_items)]

@@ -114,8 +114,8 @@ def test_save_then_load_gives_identical_logits(tmp_path: Path) -> None:
 
 
 def test_the_llm_recipe_accepts_the_kind() -> None:
+    from recadapt.adapters.build import attach_adapter
     from recadapt.train.config import LLMConfig
-    from recadapt.train.llm import attach_adapter
 
     llm = LLMConfig(adapter="bottleneck", lora_r=R, lora_target_modules=["q_proj", "v_proj"])
     model = attach_adapter(tiny_llama(VOCAB, hidden_size=HIDDEN), llm)

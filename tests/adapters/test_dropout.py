@@ -8,9 +8,9 @@ from tiny_llm import tiny_llama
 from torch import nn
 
 from recadapt.adapters import LoRAConfig, attach_adapters
+from recadapt.adapters.build import with_lora
 from recadapt.adapters.dropout import FastDropout, _uniform_int16, dropout_threshold, set_lora_dropout
 from recadapt.train.config import LLMConfig
-from recadapt.train.llm import with_lora
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -199,5 +199,22 @@ def test_a_damaged_checkpoint_is_a_one_line_error_with_the_restart_hint(tmp_path
     assert main([*common, "train.epochs=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert f"{run_dir / 'checkpoint'}: cannot resume from this checkpoint (optimizer.pt is not a tensor file" in err[0] and "--restart" in err[0]
+    assert (
+        f"{run_dir / 'checkpoint'}: cannot resume from this checkpoint (optimizer.pt is not a tensor file"
+        in err[0]
+        and "--restart" in err[0]
+    )
     assert main([*common, "train.epochs=2", "--restart"]) == 0
+
+
+def test_an_undefined_validation_metric_still_keeps_a_best_model():
+    """``NaN > best`` is always false: before, a run whose validation AUC was undefined never saved ``best/``
+    and failed when testing it."""
+    from recadapt.train.crm import TrainerState, improves
+
+    nan = float("nan")
+    assert improves(nan, TrainerState())  # the first epoch is kept whatever its value
+    assert improves(0.6, TrainerState(best_value=nan, best_epoch=1))  # a defined value beats an undefined one
+    assert not improves(nan, TrainerState(best_value=0.6, best_epoch=1))
+    assert not improves(0.5, TrainerState(best_value=0.6, best_epoch=1))
+    assert improves(0.7, TrainerState(best_value=0.6, best_epoch=1))

@@ -192,7 +192,7 @@ def test_answer_only_loss_equals_the_models_labels_loss(workdir: Path) -> None:
     """The loss computed from the answer positions alone is the model's full ``labels`` loss, gradients too."""
     from recadapt.llm.backbone import load_backbone
     from recadapt.llm.prompts import ItemTokenizer, Prompt
-    from recadapt.train.llm import _forward_loss
+    from recadapt.train.llm_loop import forward_loss as _forward_loss
 
     backbone = load_backbone(str(workdir / "backbone"))
     model = backbone.model.train()
@@ -271,7 +271,7 @@ def test_gradient_checkpointing_gives_the_same_training(workdir: Path) -> None:
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_gradient_checkpointing_recomputes_each_layer_in_the_backward(checkpointing: bool) -> None:
-    from recadapt.train.llm import enable_gradient_checkpointing, with_lora
+    from recadapt.adapters.build import enable_gradient_checkpointing, with_lora
 
     model = with_lora(tiny_llama(64), LLMConfig())
     if checkpointing:
@@ -287,12 +287,12 @@ def test_gradient_checkpointing_recomputes_each_layer_in_the_backward(checkpoint
 
 
 def test_llara_injects_projected_crm_embeddings(workdir: Path, monkeypatch, capsys) -> None:
-    import recadapt.train.llm as llm_module
+    import recadapt.llm.injection as injection
 
     _train_tiny_sasrec(workdir, "sasrec")
 
     calls: list[tuple[bool, int, torch.Tensor]] = []
-    embed = llm_module.embed_with_items
+    embed = injection.embed_with_items
 
     def spy(embedding, input_ids, positions, item_ids, item_table, projector):
         out = embed(embedding, input_ids, positions, item_ids, item_table, projector)
@@ -306,7 +306,7 @@ def test_llara_injects_projected_crm_embeddings(workdir: Path, monkeypatch, caps
         assert item_table.shape[1] == 16
         return out
 
-    monkeypatch.setattr(llm_module, "embed_with_items", spy)
+    monkeypatch.setattr(injection, "embed_with_items", spy)
     args = _args(
         workdir, "llara", "llara", f"llm.crm_run={workdir / 'runs' / 'sasrec'}", "llm.projector_lr=1e-2"
     )
@@ -396,20 +396,29 @@ def test_reclora_mixes_meta_loras_per_user_on_ctr(workdir: Path, capsys) -> None
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ctr": metrics["test"]}
 
 
+def _patch_encode_fitted(monkeypatch, spy) -> None:
+    """``encode_fitted`` where the training loop and the evaluation call it."""
+    import recadapt.tasks.llm
+    import recadapt.train.llm_loop
+
+    for module in (recadapt.train.llm_loop, recadapt.tasks.llm):
+        monkeypatch.setattr(module, "encode_fitted", spy)
+
+
 def test_rella_and_rellax_retrieve_history_and_reload(workdir: Path, capsys, monkeypatch, tmp_path) -> None:
     """ReLLa: training mixes recent and retrieved views (ReiT), evaluation shows the retrieved view, the item
     vectors are cached; ReLLaX adds soft prompts and CFLoRA on the CRM's user vectors. Both reload exactly."""
-    import recadapt.train.llm as llm_module
+    import recadapt.llm.samples as samples
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     views: list[tuple[str, list[bool]]] = []
-    encode = llm_module.encode_fitted
+    encode = samples.encode_fitted
 
     def spy(encoder, factory, rows, *, retrieved=None, **kwargs):
         views.append((factory.part, list(retrieved or [])))
         return encode(encoder, factory, rows, retrieved=retrieved, **kwargs)
 
-    monkeypatch.setattr(llm_module, "encode_fitted", spy)
+    _patch_encode_fitted(monkeypatch, spy)
     few_shot = ["llm.train_samples=16", "llm.eval_samples=40", "llm.checkpoint_every=50", "train.max_len=3"]
     assert main(_args(workdir, "rella", "rella", *few_shot, "llm.retrieval_dim=8", protocol="ctr")) == 0
     run_dir = workdir / "runs" / "rella"
@@ -455,18 +464,18 @@ def test_rella_and_rellax_retrieve_history_and_reload(workdir: Path, capsys, mon
 
 def test_reit_both_trains_every_sample_in_both_views(workdir: Path, monkeypatch, tmp_path) -> None:
     """ReLLa's ReiT as published: the training data is the recent-view set plus the retrieved-view set."""
-    import recadapt.train.llm as llm_module
+    import recadapt.llm.samples as samples
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     seen: list[tuple[int, bool]] = []
-    encode = llm_module.encode_fitted
+    encode = samples.encode_fitted
 
     def spy(encoder, factory, rows, *, retrieved=None, **kwargs):
         if factory.part == "train":
             seen.extend(zip(rows, retrieved or [], strict=True))
         return encode(encoder, factory, rows, retrieved=retrieved, **kwargs)
 
-    monkeypatch.setattr(llm_module, "encode_fitted", spy)
+    _patch_encode_fitted(monkeypatch, spy)
     extra = [
         "llm.train_samples=8",
         "llm.eval_samples=8",
@@ -533,10 +542,10 @@ def test_zero_shot_and_ctr(workdir: Path, capsys) -> None:
 
 
 def test_nan_loss_stops_with_a_clear_message(workdir: Path, capsys, monkeypatch) -> None:
-    import recadapt.train.llm as llm_module
+    import recadapt.train.llm_loop as llm_module
 
     monkeypatch.setattr(
-        llm_module, "_forward_loss", lambda *_: torch.tensor(float("nan"), requires_grad=True)
+        llm_module, "forward_loss", lambda *_: torch.tensor(float("nan"), requires_grad=True)
     )
     assert main(_args(workdir, "tallrec", "nan")) == 2
     err = capsys.readouterr().err
@@ -547,7 +556,7 @@ def test_nan_loss_stops_with_a_clear_message(workdir: Path, capsys, monkeypatch)
 
 
 def test_length_bucketed_batches_cover_every_sample_once_with_little_padding() -> None:
-    from recadapt.train.llm import length_bucketed_batches
+    from recadapt.data.samplers import length_bucketed_batches
 
     lengths = np.random.default_rng(0).integers(10, 500, size=203)
     batches = length_bucketed_batches(lengths, 8, seed=1, epoch=0, chunk_batches=5)
@@ -564,7 +573,7 @@ def test_length_bucketed_batches_cover_every_sample_once_with_little_padding() -
 def test_long_prompts_drop_their_oldest_history_items(workdir: Path) -> None:
     from recadapt.data.store import ensure_prepared
     from recadapt.llm.prompts import ItemTokenizer
-    from recadapt.train.llm import PromptFactory, encode_fitted
+    from recadapt.llm.samples import PromptFactory, encode_fitted
 
     prepared = ensure_prepared(f"recbole:{FIXTURE}", "next-item", out_root=workdir / "prepared")
     factory = PromptFactory(prepared, "train", "item", history_len=10)
@@ -650,7 +659,7 @@ def test_fingerprint_ignores_fields_at_their_defaults() -> None:
 
 def test_item_tags_describe_prompt_items_while_answers_stay_titles(shared_data: Path, tmp_path: Path) -> None:
     from recadapt.data.store import ensure_prepared
-    from recadapt.train.llm import PromptFactory, item_tag_lists
+    from recadapt.llm.samples import PromptFactory, item_tag_lists
 
     prepared = ensure_prepared("lastfm", "next-item", data_root=shared_data, out_root=tmp_path)
     plain = PromptFactory(prepared, "test", "artist", history_len=10)
@@ -667,7 +676,7 @@ def test_item_tags_describe_prompt_items_while_answers_stay_titles(shared_data: 
 
 def test_item_tags_need_a_tags_or_genres_column(workdir: Path) -> None:
     from recadapt.data.store import ensure_prepared
-    from recadapt.train.llm import PromptFactory
+    from recadapt.llm.samples import PromptFactory
 
     prepared = ensure_prepared(f"recbole:{FIXTURE}", "next-item", out_root=workdir / "prepared")
     prepared.items = prepared.items.drop(columns=["tags", "genres"], errors="ignore")
@@ -719,7 +728,7 @@ def test_trained_and_reloaded_runs_score_identically_in_each_precision(
 def test_native_bf16_detection_can_be_forced_either_way(monkeypatch) -> None:
     """``$RECADAPT_NATIVE_BF16`` makes ``llm.precision=auto`` choose as on a CPU with or without native bf16, so
     the suite runs both choices on any machine."""
-    from recadapt.train.llm import select_precision
+    from recadapt.train.precision import select_precision
 
     cpu = torch.device("cpu")
     monkeypatch.setenv("RECADAPT_NATIVE_BF16", "1")

@@ -8,8 +8,14 @@ text-only to hybrid prompts: the probability of a hybrid batch grows linearly wi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from recadapt.llm.prompts import EncodedBatch
 
 
 class ItemProjector(nn.Module):
@@ -123,3 +129,22 @@ class CurriculumSchedule:
 
     def __repr__(self) -> str:
         return f"CurriculumSchedule(total_steps={self.total_steps}, seed={self.seed})"
+
+
+@dataclass
+class ItemEmbedder:
+    """LLaRA's hybrid inputs: token embeddings with ``projector(CRM item embedding)`` at every placeholder."""
+
+    embedding: nn.Module
+    item_table: Tensor
+    projector: nn.Module
+
+    def __call__(self, batch: EncodedBatch) -> Tensor:
+        return embed_with_items(
+            self.embedding,
+            batch.input_ids,
+            batch.item_positions,
+            batch.item_ids,
+            self.item_table,
+            self.projector,
+        )

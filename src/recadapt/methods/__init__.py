@@ -33,8 +33,9 @@ def method_config(cls: type, model: Mapping[str, Any]) -> Any:
 def frozen_parts(config: Any, llm: Any, prepared: Any) -> tuple[Any, Any, list[str]]:
     """What every full-ranking method starts from: the backbone (``llm.backbone``), the frozen CRM run
     (``llm.crm_run``, trained on the same dataset) and the item titles indexed by item id."""
+    from recadapt.cf.runs import load_crm_run
     from recadapt.llm.backbone import load_backbone
-    from recadapt.train.llm import item_titles, load_crm_run
+    from recadapt.llm.samples import item_titles
 
     backbone = load_backbone(llm.backbone, dtype=llm.dtype)
     crm, _ = load_crm_run(llm.crm_run, prepared, config.data.dataset, backbone.device)

@@ -8,11 +8,22 @@ loss. The recipe (:mod:`recadapt.train.fullrank`) needs nothing else, so the two
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+@dataclass
+class Stage:
+    """A training stage of a full-ranking method: ``epochs`` epochs; ``refresh``: recompute an LLM-made item table
+    at each epoch (else use the best one). Laser trains in two stages, DARec in one."""
+
+    name: str
+    epochs: int
+    refresh: bool = True
 
 
 class FullRankingModel(nn.Module):

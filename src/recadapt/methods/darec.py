@@ -244,8 +244,8 @@ def build_darec(config, llm, prepared, progress: bool = False) -> tuple[DARec, l
     from recadapt.adapters.base import ConditionedConfig
     from recadapt.llm.retrieval import backbone_item_vectors
     from recadapt.methods import frozen_parts, method_config
+    from recadapt.methods.base import Stage
     from recadapt.methods.laser import suffix_initialisation
-    from recadapt.train.fullrank import Stage
 
     options = method_config(DARecConfig, config.model)
     backbone, crm, titles = frozen_parts(config, llm, prepared)

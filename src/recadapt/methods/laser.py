@@ -159,7 +159,7 @@ def suffix_initialisation(llm: nn.Module, tokenizer) -> Tensor:
 def build_laser(config, llm, prepared, progress: bool = False) -> tuple[Laser, list]:
     """Laser from a run config: the backbone and the CRM run (``llm.crm_run``, BERT4Rec by default) frozen."""
     from recadapt.methods import frozen_parts, method_config
-    from recadapt.train.fullrank import Stage
+    from recadapt.methods.base import Stage
 
     options = method_config(LaserConfig, config.model)
     backbone, crm, titles = frozen_parts(config, llm, prepared)

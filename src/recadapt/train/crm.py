@@ -131,6 +131,17 @@ def _load_checkpoint(run_dir: Path, model, optimizer) -> None:
         torch.set_rng_state(load_tensors(ckpt / "rng.pt")["torch"])
 
 
+def improves(value: float, state: TrainerState) -> bool:
+    """Whether this epoch's validation ``value`` is the new best. An undefined value (NaN: e.g. an AUC over a
+    validation part with one class) never beats a defined one, but the first epoch is always kept, so a run
+    whose validation metric is undefined still has a best model to test (``NaN > x`` is always false)."""
+    if state.best_epoch < 0:
+        return True
+    if math.isnan(value):
+        return False
+    return math.isnan(state.best_value) or value > state.best_value
+
+
 def _flat(report: dict[str, Estimate], prefix: str) -> dict[str, float]:
     return {f"{prefix}/{k}": v.value for k, v in report.items()}
 
@@ -238,7 +249,7 @@ def _train_crm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
                 **_flat(valid, "valid"),
             },
         )
-        if value > state.best_value:
+        if improves(value, state):
             state.best_value, state.best_epoch, state.bad_epochs = value, state.epoch, 0
             with atomic_directory(run_dir / "best") as tmp:
                 save_crm(model, tmp)

@@ -34,14 +34,13 @@ from tqdm.auto import tqdm
 
 from recadapt.data.batching import expand_prefixes
 from recadapt.data.prepare import Prepared
-from recadapt.data.protocols import list_offsets_values, to_list_array
 from recadapt.data.store import ensure_prepared
 from recadapt.errors import ConfigError, NonFiniteLossError
 from recadapt.io import atomic_directory, write_json_atomic
-from recadapt.methods.base import FullRankingModel
+from recadapt.methods.base import FullRankingModel, Stage
 from recadapt.progress import progress_bar
-from recadapt.tasks.evaluate import RANKING_KS, evaluation_rows
-from recadapt.tasks.metrics import Estimate, ranking_report, target_ranks
+from recadapt.tasks.fullrank import rank_part, subset
+from recadapt.tasks.metrics import Estimate
 from recadapt.train.config import EMBEDDING_METHODS, LLMConfig, RunConfig, run_fingerprints, save_config
 from recadapt.train.logger import RunLogger, truncate_log
 from recadapt.train.runlock import run_dir_lock
@@ -66,15 +65,6 @@ LLM_FIELDS_USED = (
 )  # fmt: skip
 # llm fields that change evaluation or logging only: they never enter the checkpoint fingerprint
 EVAL_ONLY_FIELDS = ("eval_samples", "eval_batch_size", "log_every", "checkpoint_every")
-
-
-@dataclass
-class Stage:
-    """``epochs`` epochs; ``refresh``: recompute an LLM-made item table at each epoch (else use the best one)."""
-
-    name: str
-    epochs: int
-    refresh: bool = True
 
 
 @dataclass
@@ -117,13 +107,6 @@ def check_config(config: RunConfig) -> LLMConfig:
 # --- data ---------------------------------------------------------------------------------------------------------
 
 
-def history_arrays(histories: Any, max_len: int) -> list[np.ndarray]:
-    """Each history's ``max_len`` most recent items (oldest first) as int64 arrays."""
-    offsets, values = list_offsets_values(to_list_array(histories))
-    values = values.astype(np.int64, copy=False)
-    return [values[max(lo, hi - max_len) : hi] for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)]
-
-
 def training_samples(
     prepared: Prepared, max_len: int, n: int, split_seed: int
 ) -> tuple[list[np.ndarray], np.ndarray]:
@@ -139,47 +122,6 @@ def training_samples(
         )
     histories = [row[row != prepared.n_items] for row in padded[rows]]
     return histories, targets[rows]
-
-
-def mask_seen_items(scores: np.ndarray, part: pd.DataFrame) -> np.ndarray:
-    """Scores with every history item of a row set to -inf (its target excepted), as CRM full ranking does."""
-    offsets, items = list_offsets_values(to_list_array(part["history"]))
-    rows = np.repeat(np.arange(len(part)), np.diff(offsets))
-    items = items.astype(np.int64)
-    keep = items != part["target"].to_numpy()[rows]
-    scores[rows[keep], items[keep]] = -np.inf
-    return scores
-
-
-# --- evaluation ---------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def rank_part(
-    model: FullRankingModel,
-    part: pd.DataFrame,
-    table: Tensor,
-    max_len: int,
-    batch_size: int,
-    n_boot: int,
-    *,
-    progress: bool = False,
-    desc: str = "ranking",
-) -> dict[str, Estimate]:
-    """HR@K, NDCG@K and MRR of ``part``'s users over the whole catalogue (seen items excluded)."""
-    model.eval()
-    histories = history_arrays(part["history"], max_len)
-    scores = []
-    for start in progress_bar(range(0, len(part), batch_size), desc=desc, enabled=progress, leave=False):
-        users, _ = model.user_embeddings(histories[start : start + batch_size])
-        scores.append(model.logits(users, table).float().cpu().numpy())
-    matrix = mask_seen_items(np.concatenate(scores), part)
-    ranks = target_ranks(matrix, part["target"].to_numpy())
-    return ranking_report(ranks, part["user_id"].to_numpy(), ks=RANKING_KS["full-ranking"], n_boot=n_boot)
-
-
-def subset(part: pd.DataFrame, n: int, split_seed: int) -> pd.DataFrame:
-    return part.iloc[evaluation_rows(len(part), n, split_seed)].reset_index(drop=True)
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------

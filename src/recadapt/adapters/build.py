@@ -1,0 +1,160 @@
+"""Build, save and load the adapter of an LLM run from its settings: PEFT's LoRA for ``lora``, a
+:mod:`recadapt.adapters` kind otherwise, plus LLaRA's projector beside it.
+
+The settings are the run's ``llm`` section, read through :class:`AdapterSettings` (the fields used here), so
+this layer does not depend on the training recipe's config module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from torch import Tensor, nn
+
+from recadapt.adapters.dropout import set_lora_dropout
+from recadapt.errors import ConfigError
+
+FINAL_DIR = "final"  # a run's trained adapter (and projector) alone
+ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's file names, so PeftModel.from_pretrained reads the folder
+PROJECTOR_FILE = "projector.safetensors"
+PERSONAL_ADAPTER_DIR = (
+    "adapter"  # a recadapt.adapters kind (moe-lora, personal-lora, cf-lora): save_adapters'
+)
+
+
+class AdapterSettings(Protocol):
+    """The ``llm`` fields that decide a run's adapter."""
+
+    adapter: str
+    adapter_options: dict[str, Any]
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    lora_target_modules: list[str]
+    init_lora_from: str | None
+
+
+def with_lora(backbone_model: nn.Module, llm: AdapterSettings) -> nn.Module:
+    """The backbone wrapped by PEFT with the configured LoRA (the same for training and re-evaluation)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=llm.lora_r,
+        lora_alpha=llm.lora_alpha,
+        lora_dropout=llm.lora_dropout,
+        target_modules=list(llm.lora_target_modules),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(backbone_model, lora)
+    except ValueError as err:  # e.g. a target module the backbone does not have
+        raise ConfigError("config", "llm.lora_target_modules", str(err)) from err
+    set_lora_dropout(model)  # FastDropout: same distribution, a third of the cost on CPU
+    return model
+
+
+def adapter_config(llm: AdapterSettings, cond_dim: int) -> Any:
+    """The recadapt.adapters config of a personalized kind from the llm section; unknown options name the field."""
+    from recadapt.adapters import ConditionedConfig, adapter_kind, make_config
+
+    values: dict[str, Any] = {
+        "r": llm.lora_r,
+        "alpha": float(llm.lora_alpha),
+        "dropout": llm.lora_dropout,
+        "target_modules": list(llm.lora_target_modules),
+    }
+    if issubclass(adapter_kind(llm.adapter).config, ConditionedConfig):
+        values["cond_dim"] = cond_dim
+    try:
+        return make_config(llm.adapter, **values, **llm.adapter_options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError("config", "llm.adapter_options", str(err)) from err
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Transformers' activation checkpointing on every decoder layer, non-reentrant (so the frozen embeddings need
+    no ``requires_grad`` trick, and hybrid ``inputs_embeds`` work). torch.utils.checkpoint restores the RNG state
+    for the recomputation, so dropout masks, hence losses and gradients, are those of a run without it."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def attach_adapter(backbone_model: nn.Module, llm: AdapterSettings, cond_dim: int = 0) -> nn.Module:
+    """The backbone with the configured adapter: PEFT's LoRA for ``lora``, else a :mod:`recadapt.adapters` kind
+    (an :class:`~recadapt.adapters.AdaptedModel`, called with ``cond=``)."""
+    if llm.adapter == "lora":
+        return with_lora(backbone_model, llm)
+    from recadapt.adapters import attach_adapters
+
+    try:
+        adapted = attach_adapters(backbone_model, adapter_config(llm, cond_dim))
+    except ValueError as err:  # e.g. a target module the backbone does not have
+        raise ConfigError("config", "llm.lora_target_modules", str(err)) from err
+    if llm.init_lora_from:
+        from recadapt.adapters import load_lora_weights
+
+        source = Path(llm.init_lora_from).expanduser()
+        source = source / FINAL_DIR if (source / FINAL_DIR).is_dir() else source
+        try:
+            load_lora_weights(adapted, source)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError("config", "llm.init_lora_from", f"{source}: {err}") from err
+    return adapted
+
+
+def inference_model(adapted: nn.Module) -> nn.Module:
+    """What evaluation calls: PEFT's base model (LoRA layers inside), or the AdaptedModel itself (it takes cond)."""
+    from recadapt.adapters import AdaptedModel
+
+    return adapted if isinstance(adapted, AdaptedModel) else adapted.get_base_model()
+
+
+def save_weights(folder: Path, adapted: nn.Module | None, projector: nn.Module | None) -> None:
+    """The adapter (PEFT's files for ``lora``, :func:`recadapt.adapters.save_adapters` in ``adapter/`` for the
+    personalized kinds) and the projector, into ``folder``."""
+    from safetensors.torch import save_file
+
+    from recadapt.adapters import AdaptedModel, save_adapters
+
+    if isinstance(adapted, AdaptedModel):
+        save_adapters(adapted, folder / PERSONAL_ADAPTER_DIR)
+    elif adapted is not None:
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(adapted, save_embedding_layers=False)
+        save_file(cpu_tensors(state), str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+        adapted.peft_config["default"].save_pretrained(str(folder))
+    if projector is not None:
+        save_file(
+            cpu_tensors(projector.state_dict()), str(folder / PROJECTOR_FILE), metadata={"format": "pt"}
+        )
+
+
+def load_weights(folder: Path, adapted: nn.Module | None, projector: nn.Module | None) -> None:
+    from safetensors.torch import load_file
+
+    from recadapt.adapters import ADAPTER_WEIGHTS, AdaptedModel
+
+    if isinstance(adapted, AdaptedModel):
+        try:
+            adapted.load_adapter_state_dict(load_file(str(folder / PERSONAL_ADAPTER_DIR / ADAPTER_WEIGHTS)))
+        except ValueError as err:
+            raise ConfigError(folder, "adapter", str(err)) from err
+    elif adapted is not None:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(adapted, load_file(str(folder / ADAPTER_FILE)))
+        if result.unexpected_keys:
+            raise ConfigError(
+                folder, "adapter", f"weights do not fit the model: {result.unexpected_keys[:3]}"
+            )
+    if projector is not None:
+        projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
+
+
+def has_adapter(folder: Path) -> bool:
+    return (folder / ADAPTER_FILE).exists() or (folder / PERSONAL_ADAPTER_DIR).is_dir()
+
+
+def cpu_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}

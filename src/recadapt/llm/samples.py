@@ -1,0 +1,229 @@
+"""Prompt samples for the LLM recipe: :class:`PromptFactory` turns the rows of a persisted protocol part into
+prompts and answers (titles, tags, ReLLa's retrieved view), and :func:`encode_fitted` encodes a batch of them with
+every sample fitted to the token budget."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from recadapt.data.prepare import Prepared
+from recadapt.errors import ConfigError
+from recadapt.llm.prompts import (
+    EncodedBatch,
+    ItemTokenizer,
+    Prompt,
+    build_ctr_prompt,
+    build_next_item_prompt,
+    ctr_answer,
+    describe_item,
+    load_templates,
+    pick_template_index,
+)
+
+# prompt templates per shipped dataset (llm.domain=auto); other datasets get the generic "item" domain
+DOMAIN_BY_DATASET = {
+    "ml-100k": "movie",
+    "ml-1m-ctr": "movie",
+    "movielens-llara-test": "movie",
+    "lastfm": "artist",
+    "steam-llara-test": "game",
+}
+
+
+def resolve_domain(dataset: str, requested: str = "auto") -> str:
+    """The prompt-template domain: ``requested`` unless ``auto``, else from the dataset name (``item`` if unknown)."""
+    if requested != "auto":
+        load_templates(requested)  # an unknown domain fails here, listing the known ones
+        return requested
+    return DOMAIN_BY_DATASET.get(dataset, "item")
+
+
+class PromptFactory:
+    """Prompts and answers for the rows of one protocol part (next-item or ctr), titles from ``prepared.items``.
+
+    ``history_len`` caps a prompt's history at the most recent items; :meth:`prompt` can keep fewer (``n_history``)
+    so a long sample fits the token budget.
+    """
+
+    def __init__(
+        self, prepared: Prepared, part: str, domain: str, history_len: int, item_tags: int = 0
+    ) -> None:
+        self.protocol, self.part = prepared.protocol, part
+        if self.protocol not in ("next-item", "ctr"):
+            raise ValueError(f"LLM prompts exist for next-item and ctr, not {self.protocol}")
+        self.domain = load_templates(domain)
+        self.frame = prepared.parts[part].reset_index(drop=True)
+        self.titles = item_titles(prepared.items, prepared.n_items)
+        # how prompts write each item: the title, with up to item_tags tags when asked; answers stay titles
+        self.names = self.titles
+        if item_tags:
+            tags = item_tag_lists(prepared.items, prepared.n_items, str(prepared.manifest.get("dataset", "")))
+            self.names = [
+                describe_item(t, g[:item_tags], self.domain) for t, g in zip(self.titles, tags, strict=True)
+            ]
+        self.history_len = history_len
+        self.n_templates = len(self.domain.next_item.templates)
+        self.users = self.frame["user_id"].to_numpy(np.int64)
+        self.targets = self.frame["target"].to_numpy(np.int64)
+        # the whole history (a CRM conditioning a personalized adapter may read more than the prompt shows)
+        self.full_histories = [np.asarray(h, dtype=np.int64) for h in self.frame["history"]]
+        self.histories = [h[-history_len:] for h in self.full_histories]
+        self.candidates: list[np.ndarray] = []
+        self.labels: np.ndarray | None = None
+        self.ratings: list[np.ndarray] = []
+        self.full_ratings: list[np.ndarray] = []
+        # ReLLa's retrieved view: positions into each full history (set by set_retrieval), else None
+        self.retrieved: list[np.ndarray] | None = None
+        self.profiles: dict[int, dict[str, Any]] = {}
+        if self.protocol == "next-item":
+            self.candidates = [np.asarray(c, dtype=np.int64) for c in self.frame["candidates"]]
+        else:
+            self.labels = self.frame["label"].to_numpy(np.int64)
+            self.full_ratings = [np.asarray(r, dtype=np.float64) for r in self.frame["history_ratings"]]
+            self.ratings = [r[-history_len:] for r in self.full_ratings]
+            users = prepared.users.drop(columns=["raw_id"], errors="ignore")
+            self.profiles = {int(row.pop("user_id")): row for row in users.to_dict("records")}
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def conditioning_inputs(self, rows: Sequence[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Each row's user and whole history: what a :class:`~recadapt.cf.runs.CondSource` reads."""
+        return self.users[list(rows)], [self.full_histories[r] for r in rows]
+
+    def set_retrieval(self, positions: Sequence[np.ndarray]) -> None:
+        """Give every row a retrieved view: ``positions`` (ascending) into its full history, e.g. ReLLa's SUBR
+        top-K (:func:`recadapt.llm.retrieval.retrieval_positions`)."""
+        if len(positions) != len(self):
+            raise ValueError(f"{len(positions)} retrieved views for {len(self)} rows")
+        self.retrieved = [np.asarray(p, dtype=np.int64) for p in positions]
+
+    def view(self, row: int, retrieved: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """The history items (oldest first) and, for ctr, their ratings that ``row``'s prompt shows: the most
+        recent ``history_len`` items, or the retrieved ones."""
+        ratings = self.ratings[row] if self.ratings else None
+        if not retrieved:
+            return self.histories[row], ratings
+        if self.retrieved is None:
+            raise ValueError("no retrieved view: call set_retrieval first")
+        keep = self.retrieved[row]
+        return self.full_histories[row][keep], (self.full_ratings[row][keep] if self.full_ratings else None)
+
+    def n_history(self, row: int, retrieved: bool = False) -> int:
+        return len(self.view(row, retrieved)[0])
+
+    def prompt(
+        self,
+        row: int,
+        *,
+        n_history: int | None = None,
+        template: int = 0,
+        hybrid: bool = False,
+        retrieved: bool = False,
+    ) -> Prompt:
+        """The prompt of ``row`` with the ``n_history`` most recent items of its view (default: all kept)."""
+        history, ratings = self.view(row, retrieved)
+        keep = len(history) if n_history is None else n_history
+        history = history[len(history) - keep :]
+        history_titles = [self.names[i] for i in history]
+        if self.protocol == "next-item":
+            candidates = self.candidates[row]
+            return build_next_item_prompt(
+                history_titles,
+                [self.names[i] for i in candidates],
+                self.domain,
+                template,
+                hybrid,
+                history_ids=history.tolist(),
+                candidate_ids=candidates.tolist(),
+            )
+        assert ratings is not None
+        return build_ctr_prompt(
+            history_titles,
+            self.names[self.targets[row]],
+            self.domain,
+            history_ratings=ratings[len(ratings) - keep :].tolist(),
+            profile=self.profiles.get(int(self.users[row])),
+            hybrid=hybrid,
+            history_ids=history.tolist(),
+            target_id=int(self.targets[row]),
+        )
+
+    def answer(self, row: int) -> str:
+        """The training answer: the target title (next-item) or "Yes."/"No." (ctr)."""
+        if self.labels is not None:
+            return ctr_answer(int(self.labels[row]), self.domain)
+        return self.titles[self.targets[row]]
+
+    def template(self, row: int, *, seed: int, epoch: int) -> int:
+        """The next-item template of ``row`` in ``epoch`` (a fresh seeded draw per epoch; ctr has one)."""
+        if self.protocol != "next-item":
+            return 0
+        return pick_template_index(self.n_templates, seed=seed, sample_index=row, epoch=epoch)
+
+
+def item_titles(items: pd.DataFrame, n_items: int) -> list[str]:
+    """Titles indexed by item id; an item without one is called by its source id."""
+    titles = [f"item {i}" for i in range(n_items)]
+    raw = items["raw_id"] if "raw_id" in items else items["item_id"]
+    title_column = items["title"] if "title" in items else pd.Series([None] * len(items))
+    for item_id, title, source in zip(items["item_id"], title_column, raw, strict=True):
+        text = str(title).strip() if isinstance(title, str) else ""
+        titles[int(item_id)] = text or f"item {source}"
+    return titles
+
+
+def item_tag_lists(items: pd.DataFrame, n_items: int, dataset: str = "") -> list[list[str]]:
+    """Each item's tags (the items table's ``tags`` column, else ``genres``; '|' joined, most telling first),
+    indexed by item id. Raises ``ConfigError`` on ``llm.item_tags`` when the table has neither."""
+    column = next((c for c in ("tags", "genres") if c in items), None)
+    if column is None:
+        raise ConfigError(
+            "config",
+            "llm.item_tags",
+            f"the {dataset or 'dataset'} items have no tags or genres column to show",
+        )
+    lists: list[list[str]] = [[] for _ in range(n_items)]
+    for item_id, text in zip(items["item_id"], items[column], strict=True):
+        if isinstance(text, str) and text.strip():
+            lists[int(item_id)] = [t.strip() for t in text.split("|") if t.strip()]
+    return lists
+
+
+def encode_fitted(
+    encoder: ItemTokenizer,
+    factory: PromptFactory,
+    rows: Sequence[int],
+    *,
+    templates: Sequence[int],
+    hybrid: bool,
+    max_tokens: int,
+    retrieved: Sequence[bool] | None = None,
+) -> tuple[list[Prompt], EncodedBatch]:
+    """Training inputs for ``rows`` with every sample (prompt + answer) within ``max_tokens``: a sample over the
+    budget drops its oldest history items, one at a time, until it fits. ``retrieved[i]``: row i shows its
+    retrieved view (ReLLa) instead of its recent items."""
+    views = list(retrieved) if retrieved is not None else [False] * len(rows)
+    keep = [factory.n_history(r, v) for r, v in zip(rows, views, strict=True)]
+    answers = [factory.answer(r) for r in rows]
+    while True:
+        prompts = [
+            factory.prompt(r, n_history=k, template=t, hybrid=hybrid, retrieved=v)
+            for r, k, t, v in zip(rows, keep, templates, views, strict=True)
+        ]
+        batch = encoder.encode(prompts, answers)
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        over = [i for i, n in enumerate(lengths) if n > max_tokens]
+        if not over:
+            return prompts, batch
+        for i in over:
+            if keep[i] == 0:
+                raise ValueError(
+                    f"sample {rows[i]} needs {lengths[i]} tokens without any history, over "
+                    f"llm.max_prompt_tokens={max_tokens}; raise it"
+                )
+            keep[i] -= 1

@@ -1,0 +1,148 @@
+"""Evaluation of an LLM recommender on a protocol part: rank each row's candidates in the configured modes
+(next-item) or score p(Yes) (ctr), then report the protocol's metrics with bootstrap intervals. The training
+recipe and a reloaded run (``recadapt eval``) both call :func:`evaluate_llm`, so they score alike."""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from recadapt.cf.runs import CondSource
+from recadapt.llm.injection import ItemEmbedder
+from recadapt.llm.prompts import EVAL_TEMPLATE_INDEX, EncodedBatch, ItemTokenizer
+from recadapt.llm.samples import PromptFactory, encode_fitted
+from recadapt.progress import progress_bar
+from recadapt.tasks.evaluate import RANKING_KS
+from recadapt.tasks.metrics import Estimate, ctr_report, mean_with_ci, ranking_report, target_ranks
+
+EVAL_CHUNK = 64  # test samples whose prompts are built (and embedded) at once
+
+
+def prompt_inputs(batch: EncodedBatch, embedder: ItemEmbedder | None) -> list[Tensor]:
+    """One unpadded prompt per row: token ids, or input embeddings [T, H] for hybrid prompts."""
+    mask = batch.attention_mask.bool()
+    if embedder is None or not batch.item_ids.numel():
+        return [batch.input_ids[r][mask[r]] for r in range(len(mask))]
+    with torch.no_grad():
+        embeds = embedder(batch)
+    return [embeds[r][mask[r]] for r in range(len(mask))]
+
+
+def evaluate_llm(
+    model: nn.Module,
+    encoder: ItemTokenizer,
+    factory: PromptFactory,
+    rows: np.ndarray,
+    *,
+    modes: Sequence[str],
+    embedder: ItemEmbedder | None,
+    max_tokens: int,
+    batch_size: int,
+    max_new_tokens: int,
+    autocast: Callable[[], Any],
+    n_boot: int,
+    seed: int,
+    progress: bool = False,
+    cond_source: CondSource | None = None,
+    retrieved: bool = False,
+) -> dict[str, dict[str, Estimate]]:
+    """Metrics per ranking mode (next-item) or ``{"ctr": ...}`` (AUC, LogLoss, Accuracy), on ``rows`` of the part.
+
+    Next-item: HR@K, NDCG@K and MRR from each mode's :class:`~recadapt.llm.ranking.Ranking` (for ``generate`` and
+    ``constrained`` a top-1 only, so HR@K = HR@1), and ValidRatio with its CI. Prompts use the evaluation template,
+    hybrid when ``embedder`` is given, and the same history truncation as in training. Every forward (the
+    projection of CRM items, the adapter, the backbone) runs under ``autocast``, as in training; the caller passes
+    modules without accelerate's wrappers (:func:`_unwrapped`), so a trained and a reloaded run score alike.
+    """
+    from recadapt.llm.ranking import RankingMode, rank_candidates, yes_probability
+
+    model.eval()
+    hybrid = embedder is not None
+    answer_ids: dict[str, list[int]] = {}
+
+    def candidate_ids(title: str) -> list[int]:
+        if title not in answer_ids:  # the whole answer, end-of-turn included: "this title, then stop"
+            answer_ids[title] = encoder.answer_token_ids(title)
+        return answer_ids[title]
+
+    scores: dict[str, list[np.ndarray]] = {m: [] for m in modes}
+    valid: dict[str, list[np.ndarray]] = {m: [] for m in modes}
+    probs: list[np.ndarray] = []
+    if factory.protocol == "ctr":
+        yes_id, no_id = (
+            encoder.answer_token_ids(a)[0]
+            for a in (factory.domain.ctr.answer_yes, factory.domain.ctr.answer_no)
+        )
+        if yes_id == no_id:
+            raise ValueError("the Yes and No answers start with the same token; CTR cannot be scored")
+    chunks = [rows[i : i + EVAL_CHUNK] for i in range(0, len(rows), EVAL_CHUNK)]
+    for chunk in progress_bar(chunks, desc="evaluate", enabled=progress, leave=False):
+        chunk_rows = [int(r) for r in chunk]
+        templates = [EVAL_TEMPLATE_INDEX] * len(chunk_rows)
+        prompts, _ = encode_fitted(
+            encoder,
+            factory,
+            chunk_rows,
+            templates=templates,
+            hybrid=hybrid,
+            max_tokens=max_tokens,
+            retrieved=[retrieved] * len(chunk_rows),
+        )
+        device = next(model.parameters()).device
+        cond = (
+            cond_source(*factory.conditioning_inputs(chunk_rows)).to(device)
+            if cond_source is not None
+            else None
+        )
+        with (
+            autocast()
+        ):  # the one precision rule: projection, adapter and backbone all under the run's autocast
+            inputs = prompt_inputs(encoder.encode(prompts).to(device), embedder)
+            if factory.protocol == "ctr":
+                probs.append(
+                    yes_probability(model, inputs, yes_id, no_id, batch_size=batch_size, cond=cond).numpy()
+                )
+                continue
+            titles = [[factory.titles[i] for i in factory.candidates[r]] for r in chunk_rows]
+            token_ids = [[candidate_ids(t) for t in row] for row in titles]
+            for mode in modes:
+                ranking = rank_candidates(
+                    typing.cast(RankingMode, mode),
+                    model,
+                    inputs,
+                    token_ids,
+                    tokenizer=encoder.tokenizer,
+                    candidate_titles=titles,
+                    batch_size=batch_size,
+                    max_new_tokens=max_new_tokens,
+                    cond=cond,
+                )
+                scores[mode].append(ranking.scores)
+                valid[mode].append(ranking.valid)
+
+    users = factory.users[rows]
+    if factory.protocol == "ctr":
+        assert factory.labels is not None
+        return {
+            "ctr": ctr_report(factory.labels[rows], np.concatenate(probs), users, n_boot=n_boot, seed=seed)
+        }
+    candidates = np.stack([factory.candidates[r] for r in rows])
+    target_index = (candidates == factory.targets[rows][:, None]).argmax(axis=1)
+    reports: dict[str, dict[str, Estimate]] = {}
+    for mode in modes:
+        ranks = target_ranks(np.concatenate(scores[mode]), target_index)
+        # generate and constrained name one candidate, so only HitRatio@1 is defined for them
+        ks = RANKING_KS["next-item"] if mode == "score" else (1,)
+        report = ranking_report(ranks, users, ks=ks, n_boot=n_boot, seed=seed)
+        if mode != "score":
+            report = {"HR@1": report["HR@1"]}
+        report["ValidRatio"] = mean_with_ci(
+            np.concatenate(valid[mode]).astype(np.float64), users, n_boot, seed
+        )
+        reports[mode] = report
+    return reports
