@@ -39,17 +39,14 @@ import torch
 
 from recadapt.data.store import ensure_prepared
 from recadapt.llm import load_backbone
-from recadapt.llm.ranking import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_NEW_TOKENS,
+from recadapt.llm.decoding import DEFAULT_MAX_NEW_TOKENS, constrained_rank, generate_rank, generated_hits
+from recadapt.llm.scoring import (
     DEFAULT_SCORE_BATCH_SIZE,
     PACKED_ATTENTION,
-    constrained_rank,
-    generate_rank,
-    generated_hits,
     packs_by_default,
     score_candidates,
 )
+from recadapt.llm.session import DEFAULT_BATCH_SIZE
 from recadapt.tasks.metrics import hit_at_k, ndcg_at_k, target_ranks
 
 VERBS = {"artist": "listened to", "movie": "watched", "game": "played"}

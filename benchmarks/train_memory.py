@@ -37,7 +37,7 @@ def child(args: argparse.Namespace) -> None:
 
     from recadapt.adapters.build import enable_gradient_checkpointing, with_lora
     from recadapt.llm import load_backbone
-    from recadapt.llm.prompts import IGNORE_INDEX
+    from recadapt.llm.encoding import IGNORE_INDEX
     from recadapt.train.config import LLMConfig
     from recadapt.train.llm_loop import answer_loss
 

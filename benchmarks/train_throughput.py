@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from recadapt.adapters.build import with_lora
 from recadapt.adapters.dropout import FastDropout, set_lora_dropout
 from recadapt.llm import load_backbone
-from recadapt.llm.prompts import IGNORE_INDEX
+from recadapt.llm.encoding import IGNORE_INDEX
 from recadapt.train.config import LLMConfig
 from recadapt.train.llm_loop import answer_loss
 from recadapt.train.precision import select_precision

@@ -10,7 +10,7 @@ import argparse
 
 import numpy as np
 
-from recadapt.data.protocols import list_offsets_values, to_list_array
+from recadapt.data.arrays import list_offsets_values, to_list_array
 from recadapt.data.store import ensure_prepared
 from recadapt.tasks.evaluate import RANKING_KS, evaluation_rows
 from recadapt.tasks.fullrank import mask_seen_items

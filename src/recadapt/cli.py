@@ -51,7 +51,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from recadapt.train.config import EMBEDDING_METHODS, LLM_METHODS, load_config
+    from recadapt.methods.registry import method
+    from recadapt.train.config import load_config
 
     overrides = list(args.overrides)
     for option, key in (
@@ -62,12 +63,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if getattr(args, option):
             overrides.append(f"{key}={getattr(args, option)}")
     config = load_config(args.config, overrides)
-    if config.model_name in EMBEDDING_METHODS:
+    recipe = method(config.model_name).recipe
+    if recipe == "fullrank":
         from recadapt.train.fullrank import train_fullrank
 
         payload = train_fullrank(config, resume=not args.restart, progress=not args.quiet)
         print(f"run {config.run_dir}: {payload['optimizer_steps']} optimizer steps, best {payload['best']}")
-    elif config.model_name in LLM_METHODS:
+    elif recipe == "llm":
         from recadapt.train.llm import train_llm
 
         payload = train_llm(config, resume=not args.restart, progress=not args.quiet)
@@ -90,13 +92,14 @@ def _print_test(test: dict[str, dict]) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from recadapt.train.config import EMBEDDING_METHODS, LLM_METHODS, load_config
+    from recadapt.methods.registry import method
+    from recadapt.train.config import load_config
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    method = load_config(run_dir / "config.yaml").model_name
-    if method in EMBEDDING_METHODS:
+    recipe = method(load_config(run_dir / "config.yaml").model_name).recipe
+    if recipe == "fullrank":
         from recadapt.train.fullrank import evaluate_fullrank_run
 
         if args.mode:
@@ -106,7 +109,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         reports = {
             "": evaluate_fullrank_run(run_dir, part=args.part, n_boot=args.n_boot, samples=args.samples)
         }
-    elif method in LLM_METHODS:
+    elif recipe == "llm":
         from recadapt.train.llm import evaluate_llm_run
 
         if args.samples is not None:

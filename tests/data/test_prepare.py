@@ -18,7 +18,8 @@ import recadapt
 import recadapt.io
 from recadapt.data import prepare as prepare_module
 from recadapt.data.prepare import dataset_dirname, load_prepared, prepare
-from recadapt.data.protocols import PARTS, PROTOCOLS
+from recadapt.data.protocols import PROTOCOLS
+from recadapt.data.splits import PARTS
 from recadapt.errors import DataFormatError
 
 FILES = ("train.parquet", "valid.parquet", "test.parquet", "items.parquet", "users.parquet", "manifest.json")

@@ -8,17 +8,11 @@ import pyarrow as pa
 import pytest
 from synthetic import from_sequences, random_dataset
 
-from recadapt.data.protocols import (
-    PARTS,
-    _split_sizes,
-    ctr,
-    draw_candidates,
-    few_shot,
-    full_ranking,
-    next_item,
-    to_list_array,
-)
+from recadapt.data.arrays import to_list_array
+from recadapt.data.candidates import draw_candidates
+from recadapt.data.protocols import ctr, few_shot, full_ranking, next_item
 from recadapt.data.schema import Dataset
+from recadapt.data.splits import PARTS, _split_sizes
 
 
 def _lists(column: pd.Series) -> list[list]:

@@ -23,20 +23,17 @@ from tiny_llm import byte_tokenizer, tiny_llama
 
 from recadapt.errors import ConfigError
 from recadapt.llm import load_backbone
+from recadapt.llm.encoding import IGNORE_INDEX, ItemTokenizer
 from recadapt.llm.injection import ItemProjector, embed_with_items
+from recadapt.llm.prompt_templates import available_domains, load_templates, parse_templates
 from recadapt.llm.prompts import (
     EVAL_TEMPLATE_INDEX,
-    IGNORE_INDEX,
     ITEM_TOKEN,
-    ItemTokenizer,
     Prompt,
-    available_domains,
     build_ctr_prompt,
     build_next_item_prompt,
     ctr_answer,
     describe_item,
-    load_templates,
-    parse_templates,
     pick_template_index,
 )
 

@@ -21,7 +21,7 @@ import torch
 from tiny_llm import tiny_llama
 from transformers import LlamaForCausalLM
 
-from recadapt.llm.ranking import (
+from recadapt.llm.decoding import (
     GenerateResult,
     constrained_rank,
     first_line,
@@ -29,11 +29,9 @@ from recadapt.llm.ranking import (
     generated_hits,
     greedy_generate,
     match_candidates,
-    packs_by_default,
-    rank_candidates,
-    score_candidates,
-    yes_probability,
 )
+from recadapt.llm.ranking import rank_candidates, yes_probability
+from recadapt.llm.scoring import packs_by_default, score_candidates
 from recadapt.tasks.metrics import target_ranks
 
 VOCAB = 100

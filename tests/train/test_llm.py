@@ -191,7 +191,8 @@ def test_eval_reloads_a_trained_run_and_reproduces_its_metrics(workdir: Path, ca
 def test_answer_only_loss_equals_the_models_labels_loss(workdir: Path) -> None:
     """The loss computed from the answer positions alone is the model's full ``labels`` loss, gradients too."""
     from recadapt.llm.backbone import load_backbone
-    from recadapt.llm.prompts import ItemTokenizer, Prompt
+    from recadapt.llm.encoding import ItemTokenizer
+    from recadapt.llm.prompts import Prompt
     from recadapt.train.llm_loop import forward_loss as _forward_loss
 
     backbone = load_backbone(str(workdir / "backbone"))
@@ -544,9 +545,7 @@ def test_zero_shot_and_ctr(workdir: Path, capsys) -> None:
 def test_nan_loss_stops_with_a_clear_message(workdir: Path, capsys, monkeypatch) -> None:
     import recadapt.train.llm_loop as llm_module
 
-    monkeypatch.setattr(
-        llm_module, "forward_loss", lambda *_: torch.tensor(float("nan"), requires_grad=True)
-    )
+    monkeypatch.setattr(llm_module, "forward_loss", lambda *_: torch.tensor(float("nan"), requires_grad=True))
     assert main(_args(workdir, "tallrec", "nan")) == 2
     err = capsys.readouterr().err
     assert "loss is nan at epoch 1, step 0" in err and "llm.lr" in err
@@ -572,7 +571,7 @@ def test_length_bucketed_batches_cover_every_sample_once_with_little_padding() -
 
 def test_long_prompts_drop_their_oldest_history_items(workdir: Path) -> None:
     from recadapt.data.store import ensure_prepared
-    from recadapt.llm.prompts import ItemTokenizer
+    from recadapt.llm.encoding import ItemTokenizer
     from recadapt.llm.samples import PromptFactory, encode_fitted
 
     prepared = ensure_prepared(f"recbole:{FIXTURE}", "next-item", out_root=workdir / "prepared")

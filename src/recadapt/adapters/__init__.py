@@ -8,6 +8,10 @@ kinds and ranks per decoder layer.
     save_adapters(model, run_dir / "adapter")
     model = load_adapters(fresh_base_model, run_dir / "adapter")
 
+A plain ``lora`` model also saves as PEFT does (``save_peft_lora(model, folder, "HuggingFaceTB/SmolLM2-135M")``,
+read by ``peft.PeftModel.from_pretrained`` and by :func:`load_adapters`), and kinds without per-call state
+(``lora``, ``bottleneck``) train with ``enable_gradient_checkpointing(model)``.
+
 Each kind is a config dataclass, a layer class and a conditioner registered once in :data:`ADAPTERS`. The
 per-instance conditioning is an explicit ``cond`` argument of every call, never state kept between calls.
 """
@@ -32,10 +36,12 @@ from recadapt.adapters.model import (
     AdaptedModelBase,
     AdapterGroup,
     attach_adapters,
+    enable_gradient_checkpointing,
     load_adapters,
     load_lora_weights,
     read_adapter_config,
     save_adapters,
+    save_peft_lora,
 )
 from recadapt.adapters.moe_lora import MoEGate, MoELoRAConfig, MoELoRALayer
 from recadapt.adapters.personal_lora import PersonalGate, PersonalLoRAConfig, PersonalLoRALayer
@@ -73,6 +79,7 @@ __all__ = [
     "config_from_dict",
     "decoder_layers",
     "default_targets",
+    "enable_gradient_checkpointing",
     "load_adapters",
     "load_layerwise",
     "load_lora_weights",
@@ -81,4 +88,5 @@ __all__ = [
     "read_layerwise_plan",
     "save_adapters",
     "save_layerwise",
+    "save_peft_lora",
 ]

@@ -26,10 +26,15 @@ def default_targets() -> list[str]:
 @dataclass
 class AdapterConfig:
     """Fields every kind shares. ``target_modules`` are matched against module names by suffix
-    (``q_proj`` matches ``model.layers.0.self_attn.q_proj``); only ``nn.Linear`` modules are adapted."""
+    (``q_proj`` matches ``model.layers.0.self_attn.q_proj``); only ``nn.Linear`` modules are adapted.
+
+    ``supports_gradient_checkpointing``: the layers' output depends on their input and weights only, so the
+    backward may rerun them after the call (see :func:`~recadapt.adapters.model.enable_gradient_checkpointing`).
+    """
 
     kind: ClassVar[str] = ""
     needs_cond: ClassVar[bool] = False
+    supports_gradient_checkpointing: ClassVar[bool] = True
 
     r: int = 8
     alpha: float = 16.0
@@ -67,9 +72,12 @@ class AdapterConfig:
 class ConditionedConfig(AdapterConfig):
     """Fields of the kinds whose update depends on a per-instance ``cond`` [batch, cond_dim] (a CRM's sequence
     representation or user vector). ``conditioner_lr_scale`` multiplies the base learning rate for the
-    conditioner's parameters (see :meth:`~recadapt.adapters.model.AdaptedModel.param_groups`)."""
+    conditioner's parameters (see :meth:`~recadapt.adapters.model.AdaptedModel.param_groups`). No gradient
+    checkpointing: the layers get their mix through hooks that exist only during the call, and the backward's
+    recomputation runs after it."""
 
     needs_cond: ClassVar[bool] = True
+    supports_gradient_checkpointing: ClassVar[bool] = False
 
     cond_dim: int = 64
     conditioner_lr_scale: float = 1.0

@@ -75,8 +75,16 @@ def adapter_config(llm: AdapterSettings, cond_dim: int) -> Any:
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Transformers' activation checkpointing on every decoder layer, non-reentrant (so the frozen embeddings need
     no ``requires_grad`` trick, and hybrid ``inputs_embeds`` work). torch.utils.checkpoint restores the RNG state
-    for the recomputation, so dropout masks, hence losses and gradients, are those of a run without it."""
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for the recomputation, so dropout masks, hence losses and gradients, are those of a run without it. An
+    :class:`~recadapt.adapters.AdaptedModelBase` goes through :func:`recadapt.adapters.enable_gradient_checkpointing`
+    (a ValueError for kinds that cannot be recomputed), a PEFT model straight to transformers."""
+    from recadapt.adapters import AdaptedModelBase
+    from recadapt.adapters import enable_gradient_checkpointing as enable_for_kind
+
+    if isinstance(model, AdaptedModelBase):
+        enable_for_kind(model)
+    else:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def attach_adapter(backbone_model: nn.Module, llm: AdapterSettings, cond_dim: int = 0) -> nn.Module:

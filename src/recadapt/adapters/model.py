@@ -7,11 +7,17 @@ temporary forward pre-hooks removed in a ``finally`` (the way PEFT passes ``adap
 inference): no per-instance state outlives the call. :class:`AdaptedModelBase` holds that machinery for any
 number of :class:`AdapterGroup` s (layers sharing one config and conditioner), which
 :mod:`recadapt.adapters.layerwise` uses for per-layer plans.
+
+A plain ``lora`` adapter is also written in PEFT's format (:func:`save_peft_lora`) and read back from it
+(:func:`load_adapters`, :func:`load_lora_weights`), and kinds without per-call state train with gradient
+checkpointing (:func:`enable_gradient_checkpointing`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from recadapt.adapters.base import AdapterConfig, AdapterLayer, ConditionedConfig
+from recadapt.adapters.lora import LoRAConfig
 from recadapt.adapters.registry import adapter_kind, config_from_dict
 from recadapt.io import atomic_directory, write_json_atomic
 
@@ -59,8 +66,8 @@ class AdaptedModelBase(nn.Module):
     conditioned group's conditioner computes its mix from ``cond`` once per call, and only that group's layers
     receive it. With a KV cache, pass the same rows' ``cond`` at every decoding step. When rows are expanded
     (several candidates per prompt, beams, returned sequences), expand ``cond`` the same way; a single ``cond``
-    row applies to all rows. Gradient checkpointing is unsupported for conditioned kinds: its recomputation
-    runs outside the call, so the layers would find no mix and raise.
+    row applies to all rows. Gradient checkpointing (:func:`enable_gradient_checkpointing`) is unsupported for
+    conditioned kinds: its recomputation runs outside the call, so the layers would find no mix and raise.
 
     ``config`` and ``get_input_embeddings`` are the base model's, and any other attribute the wrapper lacks is
     looked up on the base model (like PEFT's ``PeftModel``), so ranking and generation code can take either.
@@ -328,18 +335,106 @@ def read_versioned_json(path: Path, version: int, writer: str) -> dict[str, Any]
 
 
 def read_adapter_config(folder: str | Path) -> AdapterConfig:
-    """The typed config saved in ``folder`` by :func:`save_adapters`."""
+    """The typed config saved in ``folder`` by :func:`save_adapters`, or the :class:`LoRAConfig` of a PEFT LoRA
+    folder (:func:`save_peft_lora`'s, or PEFT's own ``save_pretrained``)."""
+    if _is_peft_folder(Path(folder)):
+        return _peft_lora_config(Path(folder))
     payload = read_versioned_json(Path(folder) / ADAPTER_CONFIG, FORMAT_VERSION, "save_adapters")
     return config_from_dict({"kind": payload["kind"], **payload["config"]})
 
 
 def load_adapters(base_model: nn.Module, folder: str | Path) -> AdaptedModel:
-    """Rebuild the adapters saved in ``folder`` on ``base_model`` (frozen in place) and load their weights
-    (safetensors only, never pickle)."""
+    """Rebuild the adapters saved in ``folder`` (by :func:`save_adapters`, or a PEFT LoRA folder) on
+    ``base_model`` (frozen in place) and load their weights (safetensors only, never pickle)."""
     config = read_adapter_config(folder)
     model = attach_adapters(base_model, config)
-    model.load_adapter_state_dict(load_file(str(Path(folder) / ADAPTER_WEIGHTS)))
+    if _is_peft_folder(Path(folder)):
+        load_lora_weights(model, folder)
+    else:
+        model.load_adapter_state_dict(load_file(str(Path(folder) / ADAPTER_WEIGHTS)))
     return model
+
+
+def save_peft_lora(
+    model: AdaptedModel, folder: str | Path, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write a plain ``lora`` adapter the way PEFT saves a LoRA: ``adapter_config.json`` (``peft_type`` LORA,
+    ``task_type`` CAUSAL_LM) and ``adapter_model.safetensors`` keyed ``base_model.model.<module>.lora_A.weight``
+    / ``.lora_B.weight``, so ``peft.PeftModel.from_pretrained(base, folder)``, PEFT-aware tools and
+    :func:`load_adapters` read it. ``base_model_name_or_path`` is recorded as given (PEFT uses it only to find a
+    base model when none is passed). Other kinds are refused: PEFT would load their A and B as a LoRA and
+    compute something else. Each file is replaced atomically, weights first; other files in ``folder`` (a
+    projector) stay."""
+    if not isinstance(model, AdaptedModel):
+        raise ValueError(
+            f"only a plain 'lora' AdaptedModel has a PEFT LoRA format, not a {type(model).__name__}"
+        )
+    config = model.adapter_config
+    if config.kind != "lora":
+        raise ValueError(f"only a plain 'lora' AdaptedModel has a PEFT LoRA format, not {config.kind!r}")
+    state = {
+        f"{_PEFT_PREFIX}{name}.{part}.weight": p.detach().contiguous().cpu()
+        for name, layer in model.adapter_layers.items()
+        for part, p in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B))
+    }
+    alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha  # PEFT writes an int
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": config.r,
+        "lora_alpha": alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": list(config.target_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{PEFT_WEIGHTS}.tmp-", dir=folder)  # the io module's temporary names
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, folder / PEFT_WEIGHTS)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    write_json_atomic(folder / ADAPTER_CONFIG, peft_config)
+    return folder
+
+
+def enable_gradient_checkpointing(model: AdaptedModelBase) -> None:
+    """Transformers' activation checkpointing on every decoder layer of ``model``'s base model, non-reentrant:
+    the backward reruns each layer, adapters included, instead of keeping its activations (less memory for more
+    step time, see ``docs/benchmarks.md``). torch restores the RNG state for the rerun, so dropout masks, losses
+    and gradients are those of a run without it. Non-reentrant checkpointing needs no input that requires grad
+    (transformers still hooks the embeddings to make them require it), so ``inputs_embeds`` work too.
+
+    Only kinds whose layers need no per-call state support it (:attr:`AdapterKind.supports_gradient_checkpointing`:
+    ``lora``, ``bottleneck``); a conditioned kind raises a ValueError naming it, here rather than in the first
+    backward, where its rerun layers would find no mix."""
+    unsupported = sorted(
+        {
+            group.config.kind
+            for group in model.adapter_groups()
+            if not adapter_kind(group.config.kind).supports_gradient_checkpointing
+        }
+    )
+    if unsupported:
+        raise ValueError(
+            f"gradient checkpointing is unsupported for adapter kind {', '.join(map(repr, unsupported))}: its "
+            "layers receive the per-instance mix only during the forward call, and the checkpointed backward "
+            "reruns them after it"
+        )
+    enable = getattr(model.base_model, "activation_checkpointing_enable", None)
+    if enable is None:
+        raise ValueError(f"{type(model.base_model).__name__} is not a transformers model with checkpointing")
+    enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_lora_weights(model: AdaptedModel, source: AdaptedModel | str | Path) -> None:
@@ -388,20 +483,61 @@ def _is_peft_folder(folder: Path) -> bool:
     return config.is_file() and "peft_type" in json.loads(config.read_text(encoding="utf-8"))
 
 
-def _read_peft_lora(folder: Path) -> tuple[str, int, float, dict[str, Tensor]]:
-    """A LoRA saved by PEFT (``save_pretrained``; the LLM recipe's ``lora`` runs): (kind, r, alpha, state) with
-    the state keyed like :meth:`AdaptedModel.adapter_state_dict` (``<module>.lora_A`` / ``.lora_B``)."""
+def _peft_config(folder: Path) -> dict[str, Any]:
+    """A PEFT folder's ``adapter_config.json``; for a LoRA, refuse the options recadapt's ``lora`` cannot
+    reproduce (they would otherwise be dropped silently and the adapter compute something else)."""
     config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     if config.get("peft_type") != "LORA":
-        return str(config.get("peft_type")), 0, 0.0, {}
+        return config
     if config.get("use_dora") or config.get("use_rslora"):
         raise ValueError(f"{folder}: DoRA / rsLoRA adapters scale differently; only plain LoRA can be copied")
-    state = {}
+    extras = {
+        key: config[key]
+        for key in ("alpha_pattern", "rank_pattern", "modules_to_save", "lora_bias")
+        if config.get(key)
+    }
+    if config.get("bias", "none") != "none":
+        extras["bias"] = config["bias"]
+    if extras:
+        raise ValueError(
+            f"{folder}: a LoRA with {extras} is not plain LoRA; recadapt's 'lora' cannot load it"
+        )
+    return config
+
+
+def _peft_lora_config(folder: Path) -> LoRAConfig:
+    """The :class:`LoRAConfig` of a PEFT LoRA folder (a regex ``target_modules`` has no recadapt equivalent)."""
+    config = _peft_config(folder)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{folder}: a PEFT {config.get('peft_type')} adapter, not a LoRA")
+    targets = config.get("target_modules")
+    if not isinstance(targets, list):
+        raise ValueError(f"{folder}: target_modules must be a list of module names, got {targets!r}")
+    return LoRAConfig(
+        r=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        dropout=float(config.get("lora_dropout") or 0.0),
+        target_modules=targets,
+    )
+
+
+def _read_peft_lora(folder: Path) -> tuple[str, int, float, dict[str, Tensor]]:
+    """A LoRA saved by PEFT (``save_pretrained``, :func:`save_peft_lora`): (kind, r, alpha, state) with the state
+    keyed like :meth:`AdaptedModel.adapter_state_dict` (``<module>.lora_A`` / ``.lora_B``)."""
+    config = _peft_config(folder)
+    if config.get("peft_type") != "LORA":
+        return str(config.get("peft_type")), 0, 0.0, {}
+    state, other = {}, []
     for key, tensor in load_file(str(folder / PEFT_WEIGHTS)).items():
         for part in ("lora_A", "lora_B"):
             suffix = f".{part}.weight"
             if key.startswith(_PEFT_PREFIX) and key.endswith(suffix):
                 state[f"{key[len(_PEFT_PREFIX) : -len(suffix)]}.{part}"] = tensor
+                break
+        else:
+            other.append(key)
+    if other:
+        raise ValueError(f"{folder}: weights other than LoRA's A and B: {sorted(other)[:5]} ({len(other)})")
     return "lora", int(config["r"]), float(config["lora_alpha"]), state
 
 

@@ -25,6 +25,12 @@ class AdapterKind:
     layer: type[AdapterLayer]
     conditioner: Callable[[Any], nn.Module | None]
 
+    @property
+    def supports_gradient_checkpointing(self) -> bool:
+        """Whether the backward may recompute this kind's layers outside the forward call: only when they need
+        no per-call mix (plain ``lora``, ``bottleneck``), else the rerun layers would find none."""
+        return self.config.supports_gradient_checkpointing and not self.layer.needs_mix
+
 
 ADAPTERS: dict[str, AdapterKind] = {
     LoRAConfig.kind: AdapterKind(LoRAConfig, LoRALayer, no_conditioner),

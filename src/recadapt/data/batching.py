@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recadapt.data.protocols import list_offsets_values, to_list_array
+from recadapt.data.arrays import list_offsets_values, to_list_array
 
 BATCH_FIELDS = ("history", "target", "candidates", "label", "user_id")
 

@@ -25,8 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import recadapt
-from recadapt.data.protocols import CTR, FULL_RANKING, NEXT_ITEM, PARTS, PROTOCOLS, Split
+from recadapt.data.protocols import PROTOCOLS
 from recadapt.data.schema import Dataset
+from recadapt.data.splits import CTR, FULL_RANKING, NEXT_ITEM, PARTS, Split
 from recadapt.errors import DataFormatError
 from recadapt.io import atomic_directory, sha256_file
 

@@ -15,7 +15,7 @@ import numpy as np
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from recadapt.llm.prompts import EncodedBatch
+    from recadapt.llm.encoding import EncodedBatch
 
 
 class ItemProjector(nn.Module):
@@ -47,7 +47,7 @@ def inject_item_embeddings(
     """``input_embeds`` [B, T, H] with row ``positions[k]`` replaced by ``projector(item_table[item_ids[k]])``.
 
     ``positions`` is LongTensor[N, 2] of (batch row, token position) and ``item_ids`` LongTensor[N] (both as
-    :class:`recadapt.llm.prompts.EncodedBatch` gives them); ``item_table`` is FloatTensor[n_items, d_cf] without
+    :class:`recadapt.llm.encoding.EncodedBatch` gives them); ``item_table`` is FloatTensor[n_items, d_cf] without
     the padding row. One gather, one projector call and one out-of-place ``index_put``: no loop over positions,
     and autograd sees the replacement. The table is detached, so gradients reach the projector (and the other
     embeddings) but never the frozen CRM. The projected vectors are cast to ``input_embeds``' dtype, which keeps

@@ -12,15 +12,14 @@ import pandas as pd
 
 from recadapt.data.prepare import Prepared
 from recadapt.errors import ConfigError
+from recadapt.llm.encoding import EncodedBatch, ItemTokenizer
+from recadapt.llm.prompt_templates import load_templates
 from recadapt.llm.prompts import (
-    EncodedBatch,
-    ItemTokenizer,
     Prompt,
     build_ctr_prompt,
     build_next_item_prompt,
     ctr_answer,
     describe_item,
-    load_templates,
     pick_template_index,
 )
 

@@ -1,6 +1,7 @@
 """Each paper's full-ranking system assembled from parts, behind one contract (:mod:`recadapt.methods.base`).
 
-``METHODS`` maps ``model.name`` to a builder ``(run config, llm section, prepared split) -> (model, stages)``.
+``FULL_RANKING_BUILDERS`` maps ``model.name`` to a builder ``(run config, llm section, prepared split) -> (model,
+stages)``; :mod:`recadapt.methods.registry` holds every method's traits.
 The next-item and CTR methods (TALLRec, LLaRA, iLoRA, RecLoRA, ReLLa, ReLLaX) are configurations of
 :mod:`recadapt.train.llm` and need no class here.
 """
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from recadapt.errors import ConfigError
-from recadapt.methods.base import FullRankingModel
+
+if TYPE_CHECKING:  # methods.base needs torch; the registry below this package must load without it
+    from recadapt.methods.base import FullRankingModel
 
 
 def method_config(cls: type, model: Mapping[str, Any]) -> Any:
@@ -54,7 +57,10 @@ def _darec(*args: Any, **kwargs: Any) -> Any:
     return build_darec(*args, **kwargs)
 
 
-METHODS: dict[str, Callable[..., tuple[FullRankingModel, list[Any]]]] = {"laser": _laser, "darec": _darec}
+FULL_RANKING_BUILDERS: dict[str, Callable[..., tuple[FullRankingModel, list[Any]]]] = {
+    "laser": _laser,
+    "darec": _darec,
+}
 
 
 def build_full_ranking(
@@ -62,7 +68,8 @@ def build_full_ranking(
 ) -> tuple[FullRankingModel, list]:
     """The model and training stages of ``config.model_name``."""
     try:
-        builder = METHODS[config.model_name]
+        builder = FULL_RANKING_BUILDERS[config.model_name]
     except KeyError:
-        raise ConfigError("config", "model.name", f"unknown method; known: {', '.join(METHODS)}") from None
+        known = ", ".join(FULL_RANKING_BUILDERS)
+        raise ConfigError("config", "model.name", f"unknown method; known: {known}") from None
     return builder(config, llm, prepared, progress=progress)

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from recadapt.data.arrays import list_offsets_values, to_list_array
 from recadapt.data.batching import pad_histories
-from recadapt.data.protocols import list_offsets_values, to_list_array
 from recadapt.tasks.metrics import Estimate, ctr_report, ranking_report, target_ranks
 
 RANKING_KS = {"next-item": (1, 5, 10), "full-ranking": (1, 5, 10, 20, 50)}

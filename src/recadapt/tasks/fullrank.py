@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from recadapt.data.protocols import list_offsets_values, to_list_array
+from recadapt.data.arrays import list_offsets_values, to_list_array
 from recadapt.methods.base import FullRankingModel
 from recadapt.progress import progress_bar
 from recadapt.tasks.evaluate import RANKING_KS, evaluation_rows

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from recadapt.cf.runs import CondSource
+from recadapt.llm.encoding import EncodedBatch, ItemTokenizer
 from recadapt.llm.injection import ItemEmbedder
-from recadapt.llm.prompts import EVAL_TEMPLATE_INDEX, EncodedBatch, ItemTokenizer
+from recadapt.llm.prompts import EVAL_TEMPLATE_INDEX
 from recadapt.llm.samples import PromptFactory, encode_fitted
 from recadapt.progress import progress_bar
 from recadapt.tasks.evaluate import RANKING_KS

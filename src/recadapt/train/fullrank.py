@@ -38,10 +38,11 @@ from recadapt.data.store import ensure_prepared
 from recadapt.errors import ConfigError, NonFiniteLossError
 from recadapt.io import atomic_directory, write_json_atomic
 from recadapt.methods.base import FullRankingModel, Stage
+from recadapt.methods.registry import method, methods_of
 from recadapt.progress import progress_bar
 from recadapt.tasks.fullrank import rank_part, subset
 from recadapt.tasks.metrics import Estimate
-from recadapt.train.config import EMBEDDING_METHODS, LLMConfig, RunConfig, run_fingerprints, save_config
+from recadapt.train.config import LLMConfig, RunConfig, run_fingerprints, save_config
 from recadapt.train.logger import RunLogger, truncate_log
 from recadapt.train.runlock import run_dir_lock
 from recadapt.train.state import (
@@ -88,8 +89,8 @@ class FullRankState:
 
 def check_config(config: RunConfig) -> LLMConfig:
     """The llm section, after checking that the run asks only for what these methods do."""
-    if config.model_name not in EMBEDDING_METHODS:
-        raise ConfigError("config", "model.name", f"{config.model_name!r} is not one of {EMBEDDING_METHODS}")
+    if method(config.model_name).recipe != "fullrank":
+        raise config.error("model.name", f"{config.model_name!r} is not one of {methods_of('fullrank')}")
     if config.data.protocol != "full-ranking":
         raise ConfigError(
             "config", "data.protocol", f"{config.model_name} ranks the whole catalogue: use full-ranking"

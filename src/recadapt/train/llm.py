@@ -16,6 +16,7 @@ import json
 import logging
 import shutil
 import time
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,18 +41,18 @@ from recadapt.data.samplers import training_rows
 from recadapt.data.store import ensure_prepared
 from recadapt.errors import ConfigError
 from recadapt.io import atomic_directory, write_json_atomic
+from recadapt.llm.encoding import ItemTokenizer
 from recadapt.llm.injection import ItemEmbedder, ItemProjector
-from recadapt.llm.prompts import ItemTokenizer
 from recadapt.llm.samples import PromptFactory, item_titles, resolve_domain
+from recadapt.methods.registry import method
 from recadapt.tasks.evaluate import evaluation_rows
 from recadapt.tasks.llm import evaluate_llm
 from recadapt.tasks.metrics import Estimate
 from recadapt.train.config import (
-    HYBRID_METHODS,
-    LLM_METHODS,
     LLMConfig,
     RunConfig,
     TrainConfig,
+    coerce,
     run_fingerprints,
     save_config,
 )
@@ -70,10 +71,17 @@ _EVAL_ONLY_FIELDS = ("eval_modes", "eval_samples", "eval_batch_size", "max_new_t
 
 
 def _check_config(config: RunConfig, llm: LLMConfig) -> None:
-    method, protocol = config.model_name, config.data.protocol
+    """Everything about an LLM run's config that can be known before any work: the method's traits
+    (:mod:`recadapt.methods.registry`) against the protocol and the llm section, the adapter kind against
+    :data:`recadapt.adapters.ADAPTERS` and its options against the kind's typed config. Errors name the field and
+    where it was set."""
+    from recadapt.adapters import adapter_kind
+
+    name, protocol = config.model_name, config.data.protocol
+    spec = method(name)
     extra = sorted(set(config.model) - {"name"})
     if extra:
-        raise config.error(f"model.{extra[0]}", f"{method} takes its settings from the llm section")
+        raise config.error(f"model.{extra[0]}", f"{name} takes its settings from the llm section")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         if f.name not in TRAIN_FIELDS_USED and getattr(config.train, f.name) != getattr(defaults, f.name):
@@ -82,12 +90,10 @@ def _check_config(config: RunConfig, llm: LLMConfig) -> None:
                 f"has no effect on LLM runs (they read train.{', train.'.join(TRAIN_FIELDS_USED)}); "
                 f"set the llm section instead",
             )
-    if protocol not in ("next-item", "ctr"):
-        raise config.error("data.protocol", f"{method} supports next-item and ctr, not {protocol}")
-    if method == "llara" and protocol != "next-item":
-        raise config.error("data.protocol", "llara is defined for next-item only")
-    if method in HYBRID_METHODS and not llm.crm_run:
-        raise config.error("llm.crm_run", f"{method} needs a trained CRM run directory (e.g. SASRec)")
+    if protocol not in spec.protocols:
+        raise config.error("data.protocol", f"{name} supports {' and '.join(spec.protocols)}, not {protocol}")
+    if spec.needs_crm and not llm.crm_run:
+        raise config.error("llm.crm_run", f"{name} needs a trained CRM run directory (e.g. SASRec)")
     if llm.history != "recent" and protocol != "ctr":
         raise config.error(
             "llm.history",
@@ -99,23 +105,29 @@ def _check_config(config: RunConfig, llm: LLMConfig) -> None:
             "llm.init_lora_from",
             f"starts cf-lora or moe-lora from a trained LoRA, not {llm.adapter}",
         )
+    try:
+        kind = adapter_kind(llm.adapter)
+    except ValueError as err:
+        raise config.error("llm.adapter", str(err)) from None
     if llm.adapter != "lora":
-        if method == "zero-shot":
-            raise config.error("llm.adapter", "zero-shot trains no adapter; leave it at lora")
-        from recadapt.adapters import adapter_kind
-
-        known = {f.name for f in dataclasses.fields(adapter_kind(llm.adapter).config)}
-        for key in sorted(set(llm.adapter_options) - known):  # before any work, naming the file and line
-            raise config.error(
-                f"llm.adapter_options.{key}",
-                f"unknown option of adapter {llm.adapter} (known: {', '.join(sorted(known))})",
-            )
-        if adapter_kind(llm.adapter).config.needs_cond and llm.cond == "crm" and not llm.crm_run:
+        if not spec.trains:
+            raise config.error("llm.adapter", f"{name} trains no adapter; leave it at lora")
+        hints = typing.get_type_hints(kind.config)
+        for key, value in llm.adapter_options.items():  # typed per kind, before any work
+            dotted = f"llm.adapter_options.{key}"
+            if key not in hints or key == "kind":
+                known = ", ".join(sorted(f.name for f in dataclasses.fields(kind.config)))
+                raise config.error(dotted, f"unknown option of adapter {llm.adapter} (known: {known})")
+            try:
+                coerce(value, hints[key], "config", dotted)
+            except ConfigError as exc:
+                raise config.error(dotted, exc.message) from None
+        if kind.config.needs_cond and llm.cond == "crm" and not llm.crm_run:
             raise config.error(
                 "llm.crm_run",
                 f"adapter {llm.adapter} is conditioned on a CRM: name a trained CRM run",
             )
-    if method != "zero-shot" and llm.max_steps == 0 and llm.epochs == 0:
+    if spec.trains and llm.max_steps == 0 and llm.epochs == 0:
         raise config.error("llm.epochs", "set llm.epochs or llm.max_steps > 0 to train")
 
 
@@ -154,11 +166,10 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
 
     from recadapt.llm.backbone import load_backbone
 
-    method = config.model_name
-    if method not in LLM_METHODS:
-        raise ConfigError(
-            "config", "model.name", f"{method!r} is not an LLM method ({', '.join(LLM_METHODS)})"
-        )
+    method_name = config.model_name
+    spec = method(method_name)
+    if spec.recipe != "llm":
+        raise config.error("model.name", f"{method_name!r} is not trained by the LLM recipe ({spec.recipe})")
     llm = config.llm or LLMConfig()
     config = dataclasses.replace(config, llm=llm)
     _check_config(config, llm)
@@ -232,7 +243,7 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
     subset = training_rows(prepared.parts["train"], data.protocol, llm.train_samples, data.split_seed)
     model: nn.Module = backbone.model
     adapted: nn.Module | None = None
-    if method != "zero-shot":
+    if spec.trains:
         model, adapted, projector, state = train_loop(
             accelerator,
             config,
@@ -249,7 +260,7 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
         )
     train_seconds = time.time() - started
 
-    if method == "zero-shot" and main:  # nothing to train: the checkpoint records that the run is done
+    if not spec.trains and main:  # nothing to train: the checkpoint records that the run is done
         state = LLMTrainerState(
             finished=True, num_processes=accelerator.num_processes, fingerprint=fingerprint
         )
@@ -279,7 +290,7 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
         headline = "ctr" if data.protocol == "ctr" else llm.eval_modes[0]
         payload = {
             "run": config.run_name,
-            "model": method,
+            "model": method_name,
             "dataset": data.dataset,
             "protocol": data.protocol,
             "seed": tc.seed,
@@ -288,10 +299,10 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
             "precision": precision,
             "optimizer_steps": state.step if state is not None else 0,
             "train_tokens": state.tokens if state is not None else 0,
-            "train_samples": 0 if method == "zero-shot" else len(subset),
+            "train_samples": len(subset) if spec.trains else 0,
             "test_samples": len(rows),
             "ranking_mode": None if data.protocol == "ctr" else headline,
-            "train_seconds": 0.0 if method == "zero-shot" else rounded_train_seconds(state),
+            "train_seconds": rounded_train_seconds(state) if spec.trains else 0.0,
             "train_seconds_this_process": round(train_seconds, 1),
             "evaluation": evaluation,
             "test": {k: v.to_dict() for k, v in reports[headline].items()},
@@ -310,8 +321,9 @@ def _collaborative_inputs(
 ) -> tuple[Tensor | None, CondSource | None]:
     """What a method takes from its CRM run: the item table (hybrid prompts) and the adapter's cond source."""
     llm = config.llm or LLMConfig()
-    hybrid = config.model_name in HYBRID_METHODS
-    conditioned = llm.adapter not in ("lora",) and config.model_name != "zero-shot"
+    spec = method(config.model_name)
+    hybrid = spec.hybrid
+    conditioned = llm.adapter != "lora" and spec.trains
     crm, crm_len = None, None
     if llm.crm_run and (hybrid or (conditioned and llm.cond == "crm")):
         crm, crm_len = load_crm_run(llm.crm_run, prepared, config.data.dataset, device)
@@ -430,11 +442,11 @@ def evaluate_llm_run(
     if not config_file.exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
     config = load_config(config_file)
-    method, llm, data = config.model_name, config.llm or LLMConfig(), config.data
-    if method not in LLM_METHODS:
-        raise ConfigError(config_file, "model.name", f"{method!r} is not an LLM method")
+    spec, llm, data = method(config.model_name), config.llm or LLMConfig(), config.data
+    if spec.recipe != "llm":
+        raise ConfigError(config_file, "model.name", f"{spec.name!r} is not an LLM method")
     final = run_dir / FINAL_DIR
-    if method != "zero-shot" and not has_adapter(final):
+    if spec.trains and not has_adapter(final):
         raise FileNotFoundError(
             f"{run_dir} has no trained adapter in {final} (expected {ADAPTER_FILE} or {PERSONAL_ADAPTER_DIR}/); "
             "train it first"
@@ -458,7 +470,7 @@ def evaluate_llm_run(
     projector = None
     if item_table is not None:
         projector = ItemProjector(item_table.shape[1], backbone.hidden_size).to(accelerator.device)
-    if method != "zero-shot":
+    if spec.trains:
         adapted = attach_adapter(backbone.model, llm, cond_source.dim if cond_source else 0)
         load_weights(final, adapted, projector)
         model = inference_model(adapted)

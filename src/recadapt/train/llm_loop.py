@@ -34,8 +34,8 @@ from recadapt.cf.runs import CondSource
 from recadapt.data.samplers import PlannedBatches, collate_indices, length_bucketed_batches
 from recadapt.errors import NonFiniteLossError
 from recadapt.io import atomic_directory
+from recadapt.llm.encoding import IGNORE_INDEX, EncodedBatch, ItemTokenizer
 from recadapt.llm.injection import CurriculumSchedule, ItemEmbedder
-from recadapt.llm.prompts import IGNORE_INDEX, EncodedBatch, ItemTokenizer
 from recadapt.llm.samples import PromptFactory, encode_fitted
 from recadapt.progress import progress_bar
 from recadapt.train.config import LLMConfig, RunConfig
