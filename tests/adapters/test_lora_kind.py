@@ -203,3 +203,43 @@ def test_a_saved_lora_still_round_trips_through_save_adapters(tmp_path: Path) ->
         expected = model(input_ids=ids()).logits
         reloaded = load_adapters(base(), save_adapters(model, tmp_path / "adapter")).eval()
         assert torch.equal(reloaded(input_ids=ids()).logits, expected)
+
+
+def test_peft_init_trains_exactly_as_peft_lora_did() -> None:
+    """The recipe's ``lora`` left PEFT for this kind with ``peft_init``: from the same seed it draws PEFT's initial
+    A, and with the same dropout draws and AdamW steps its losses are PEFT's to the bit, so runs and results
+    trained before the switch reproduce."""
+    from recadapt.adapters.build import with_lora
+    from recadapt.train.config import LLMConfig
+
+    llm = LLMConfig(lora_r=4, lora_dropout=0.3)
+    tokens = torch.randint(0, 300, (3, 12), generator=torch.Generator().manual_seed(1))
+
+    def losses(build) -> list[float]:
+        model = build(tiny_llama(300, logit_scale=4.0))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        out = []
+        for step in range(4):
+            torch.manual_seed(100 + step)  # the recipe reseeds dropout per step
+            loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            out.append(loss.item())
+        return out
+
+    def peft(base: torch.nn.Module) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return with_lora(base, llm)
+
+    def ours(base: torch.nn.Module) -> torch.nn.Module:
+        torch.manual_seed(0)
+        config = LoRAConfig(
+            r=4, alpha=32.0, dropout=0.3, target_modules=llm.lora_target_modules, peft_init=True
+        )
+        return attach_adapters(base, config)
+
+    expected = losses(peft)
+    assert losses(ours) == expected and expected[0] != expected[-1]

@@ -266,8 +266,13 @@ def test_gradient_checkpointing_gives_the_same_training(workdir: Path) -> None:
     a = load_file(str(plain_dir / "final" / "adapter_model.safetensors"))
     b = load_file(str(ckpt_dir / "final" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
-    with pytest.raises(ConfigError, match="llm.gradient_checkpointing"):
-        LLMConfig(adapter="moe-lora", gradient_checkpointing=True)
+    from recadapt.train.llm import _check_config
+
+    config = load_config(
+        REPO / "configs" / "ilora.yaml", ["llm.gradient_checkpointing=true", "llm.crm_run=x"]
+    )
+    with pytest.raises(ConfigError, match="llm.gradient_checkpointing' adapter moe-lora does not support it"):
+        _check_config(config, config.llm)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -397,36 +402,32 @@ def test_reclora_mixes_meta_loras_per_user_on_ctr(workdir: Path, capsys) -> None
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ctr": metrics["test"]}
 
 
-def _patch_encode_fitted(monkeypatch, spy) -> None:
-    """``encode_fitted`` where the training loop and the evaluation call it."""
-    import recadapt.tasks.llm
-    import recadapt.train.llm_loop
+def _spy_on_records(monkeypatch, seen) -> None:
+    """Record (part, row, retrieved view) of every sample built, in training and in evaluation."""
+    from recadapt.llm.samples import PromptDataset
 
-    for module in (recadapt.train.llm_loop, recadapt.tasks.llm):
-        monkeypatch.setattr(module, "encode_fitted", spy)
+    records = PromptDataset.records
+
+    def spy(self, keys):
+        seen.extend((self.factory.part, k.row, k.retrieved) for k in keys)
+        return records(self, keys)
+
+    monkeypatch.setattr(PromptDataset, "records", spy)
 
 
 def test_rella_and_rellax_retrieve_history_and_reload(workdir: Path, capsys, monkeypatch, tmp_path) -> None:
     """ReLLa: training mixes recent and retrieved views (ReiT), evaluation shows the retrieved view, the item
     vectors are cached; ReLLaX adds soft prompts and CFLoRA on the CRM's user vectors. Both reload exactly."""
-    import recadapt.llm.samples as samples
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    views: list[tuple[str, list[bool]]] = []
-    encode = samples.encode_fitted
-
-    def spy(encoder, factory, rows, *, retrieved=None, **kwargs):
-        views.append((factory.part, list(retrieved or [])))
-        return encode(encoder, factory, rows, retrieved=retrieved, **kwargs)
-
-    _patch_encode_fitted(monkeypatch, spy)
+    built: list[tuple[str, int, bool]] = []
+    _spy_on_records(monkeypatch, built)
     few_shot = ["llm.train_samples=16", "llm.eval_samples=40", "llm.checkpoint_every=50", "train.max_len=3"]
     assert main(_args(workdir, "rella", "rella", *few_shot, "llm.retrieval_dim=8", protocol="ctr")) == 0
     run_dir = workdir / "runs" / "rella"
     metrics = _metrics(run_dir)
     assert metrics["model"] == "rella" and set(metrics["test"]) == {"AUC", "LogLoss", "Accuracy"}
-    trained = [v for part, batch in views if part == "train" for v in batch]
-    evaluated = [v for part, batch in views if part == "test" for v in batch]
+    trained = [v for part, _, v in built if part == "train"]
+    evaluated = [v for part, _, v in built if part == "test"]
     assert True in trained and False in trained, "ReiT must train on both views"
     assert evaluated and all(evaluated), "evaluation must use the retrieved view"
     cached = list((tmp_path / "cache" / "recadapt" / "retrieval").glob("*.safetensors"))
@@ -465,18 +466,9 @@ def test_rella_and_rellax_retrieve_history_and_reload(workdir: Path, capsys, mon
 
 def test_reit_both_trains_every_sample_in_both_views(workdir: Path, monkeypatch, tmp_path) -> None:
     """ReLLa's ReiT as published: the training data is the recent-view set plus the retrieved-view set."""
-    import recadapt.llm.samples as samples
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    seen: list[tuple[int, bool]] = []
-    encode = samples.encode_fitted
-
-    def spy(encoder, factory, rows, *, retrieved=None, **kwargs):
-        if factory.part == "train":
-            seen.extend(zip(rows, retrieved or [], strict=True))
-        return encode(encoder, factory, rows, retrieved=retrieved, **kwargs)
-
-    _patch_encode_fitted(monkeypatch, spy)
+    built: list[tuple[str, int, bool]] = []
+    _spy_on_records(monkeypatch, built)
     extra = [
         "llm.train_samples=8",
         "llm.eval_samples=8",
@@ -485,6 +477,7 @@ def test_reit_both_trains_every_sample_in_both_views(workdir: Path, monkeypatch,
         "llm.retrieval_dim=8",
     ]
     assert main(_args(workdir, "rella", "reit-both", *extra, "llm.history=both", protocol="ctr")) == 0
+    seen = [(row, view) for part, row, view in built if part == "train"]
     assert len(seen) == 16 and len(set(seen)) == 16, "each of the 8 samples once per view"
     assert {row for row, _ in seen if _} == {row for row, _ in seen if not _}
     assert _metrics(workdir / "runs" / "reit-both")["optimizer_steps"] == 2  # 16 entries / (4 x 2)
@@ -570,9 +563,11 @@ def test_length_bucketed_batches_cover_every_sample_once_with_little_padding() -
 
 
 def test_long_prompts_drop_their_oldest_history_items(workdir: Path) -> None:
+    """Each sample is fitted to the budget on its own, tokenized once; the batch collated from the records is what
+    encoding the fitted prompts together gives."""
     from recadapt.data.store import ensure_prepared
     from recadapt.llm.encoding import ItemTokenizer
-    from recadapt.llm.samples import PromptFactory, encode_fitted
+    from recadapt.llm.samples import PromptDataset, PromptFactory, SampleKey
 
     prepared = ensure_prepared(f"recbole:{FIXTURE}", "next-item", out_root=workdir / "prepared")
     factory = PromptFactory(prepared, "train", "item", history_len=10)
@@ -580,14 +575,21 @@ def test_long_prompts_drop_their_oldest_history_items(workdir: Path) -> None:
     rows = [r for r in range(len(factory)) if factory.n_history(r) == 10][:4]
     full = encoder.encode([factory.prompt(r) for r in rows], [factory.answer(r) for r in rows])
     limit = int(full.attention_mask.sum(1).min()) - 40
-    prompts, batch = encode_fitted(encoder, factory, rows, templates=[0] * 4, hybrid=False, max_tokens=limit)
+    samples = PromptDataset(factory, encoder, limit)
+    records = samples.records([SampleKey(r) for r in rows])
+    batch = samples.training_batch(records)
     assert int(batch.attention_mask.sum(1).max()) <= limit
-    for row, prompt in zip(rows, prompts, strict=True):
+    for row, record in zip(rows, records, strict=True):
         kept = factory.titles[factory.histories[row][-1]]
         dropped = factory.titles[factory.histories[row][0]]
-        assert kept in prompt.text and f"{dropped}," not in prompt.text.split("Choose")[0]
+        assert kept in record.prompt.text and f"{dropped}," not in record.prompt.text.split("Choose")[0]
+        assert record.n_history < 10 and record.user == factory.users[row]
+    together = encoder.encode([r.prompt for r in records], [r.answer for r in records])
+    assert torch.equal(batch.input_ids, together.input_ids) and torch.equal(batch.labels, together.labels)
+    prompts_alone = encoder.encode([r.prompt for r in records])
+    assert torch.equal(samples.prompt_batch(records).input_ids, prompts_alone.input_ids)
     with pytest.raises(ValueError, match="max_prompt_tokens"):
-        encode_fitted(encoder, factory, rows, templates=[0] * 4, hybrid=False, max_tokens=50)
+        PromptDataset(factory, encoder, 50)[SampleKey(rows[0])]
 
 
 def test_llm_config_errors_name_the_field(tmp_path: Path, workdir: Path) -> None:

@@ -1,5 +1,6 @@
-"""Build, save and load the adapter of an LLM run from its settings: PEFT's LoRA for ``lora``, a
-:mod:`recadapt.adapters` kind otherwise, plus LLaRA's projector beside it.
+"""Build, save and load the adapter of an LLM run from its settings: a :mod:`recadapt.adapters` kind (``lora``
+among them, saved in PEFT's format so ``peft.PeftModel.from_pretrained`` reads it), plus LLaRA's projector.
+:func:`with_lora` (PEFT's own LoRA) stays as the reference the benchmarks compare against.
 
 The settings are the run's ``llm`` section, read through :class:`AdapterSettings` (the fields used here), so
 this layer does not depend on the training recipe's config module.
@@ -55,7 +56,7 @@ def with_lora(backbone_model: nn.Module, llm: AdapterSettings) -> nn.Module:
 
 
 def adapter_config(llm: AdapterSettings, cond_dim: int) -> Any:
-    """The recadapt.adapters config of a personalized kind from the llm section; unknown options name the field."""
+    """The recadapt.adapters config of the run's kind from the llm section; unknown options name the field."""
     from recadapt.adapters import ConditionedConfig, adapter_kind, make_config
 
     values: dict[str, Any] = {
@@ -66,6 +67,8 @@ def adapter_config(llm: AdapterSettings, cond_dim: int) -> Any:
     }
     if issubclass(adapter_kind(llm.adapter).config, ConditionedConfig):
         values["cond_dim"] = cond_dim
+    if llm.adapter == "lora":  # PEFT's initial draws: runs trained before the switch reproduce (LoRAConfig)
+        values["peft_init"] = True
     try:
         return make_config(llm.adapter, **values, **llm.adapter_options)
     except (TypeError, ValueError) as err:
@@ -88,10 +91,8 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def attach_adapter(backbone_model: nn.Module, llm: AdapterSettings, cond_dim: int = 0) -> nn.Module:
-    """The backbone with the configured adapter: PEFT's LoRA for ``lora``, else a :mod:`recadapt.adapters` kind
-    (an :class:`~recadapt.adapters.AdaptedModel`, called with ``cond=``)."""
-    if llm.adapter == "lora":
-        return with_lora(backbone_model, llm)
+    """The backbone with the configured :mod:`recadapt.adapters` kind: an :class:`~recadapt.adapters.AdaptedModel`
+    (called with ``cond=`` for the conditioned kinds)."""
     from recadapt.adapters import attach_adapters
 
     try:
@@ -110,28 +111,25 @@ def attach_adapter(backbone_model: nn.Module, llm: AdapterSettings, cond_dim: in
     return adapted
 
 
-def inference_model(adapted: nn.Module) -> nn.Module:
-    """What evaluation calls: PEFT's base model (LoRA layers inside), or the AdaptedModel itself (it takes cond)."""
-    from recadapt.adapters import AdaptedModel
-
-    return adapted if isinstance(adapted, AdaptedModel) else adapted.get_base_model()
+def _is_plain_lora(adapted: nn.Module) -> bool:
+    config = getattr(adapted, "adapter_config", None)
+    return config is not None and config.kind == "lora"
 
 
-def save_weights(folder: Path, adapted: nn.Module | None, projector: nn.Module | None) -> None:
-    """The adapter (PEFT's files for ``lora``, :func:`recadapt.adapters.save_adapters` in ``adapter/`` for the
-    personalized kinds) and the projector, into ``folder``."""
+def save_weights(
+    folder: Path, adapted: nn.Module | None, projector: nn.Module | None, base_model: str | None = None
+) -> None:
+    """The adapter and the projector, into ``folder``: a ``lora`` adapter as PEFT saves one (``adapter_config.json``
+    naming ``base_model`` as the user gave it, ``adapter_model.safetensors``), the other kinds with
+    :func:`recadapt.adapters.save_adapters` in ``adapter/``."""
     from safetensors.torch import save_file
 
-    from recadapt.adapters import AdaptedModel, save_adapters
+    from recadapt.adapters import save_adapters, save_peft_lora
 
-    if isinstance(adapted, AdaptedModel):
-        save_adapters(adapted, folder / PERSONAL_ADAPTER_DIR)
+    if adapted is not None and _is_plain_lora(adapted):
+        save_peft_lora(adapted, folder, base_model_name_or_path=base_model)
     elif adapted is not None:
-        from peft import get_peft_model_state_dict
-
-        state = get_peft_model_state_dict(adapted, save_embedding_layers=False)
-        save_file(cpu_tensors(state), str(folder / ADAPTER_FILE), metadata={"format": "pt"})
-        adapted.peft_config["default"].save_pretrained(str(folder))
+        save_adapters(adapted, folder / PERSONAL_ADAPTER_DIR)
     if projector is not None:
         save_file(
             cpu_tensors(projector.state_dict()), str(folder / PROJECTOR_FILE), metadata={"format": "pt"}
@@ -139,23 +137,18 @@ def save_weights(folder: Path, adapted: nn.Module | None, projector: nn.Module |
 
 
 def load_weights(folder: Path, adapted: nn.Module | None, projector: nn.Module | None) -> None:
+    """What :func:`save_weights` wrote (a ``lora`` folder of PEFT's format from before the switch included)."""
     from safetensors.torch import load_file
 
-    from recadapt.adapters import ADAPTER_WEIGHTS, AdaptedModel
+    from recadapt.adapters import ADAPTER_WEIGHTS, load_lora_weights
 
-    if isinstance(adapted, AdaptedModel):
-        try:
+    try:
+        if adapted is not None and _is_plain_lora(adapted):
+            load_lora_weights(adapted, folder)
+        elif adapted is not None:
             adapted.load_adapter_state_dict(load_file(str(folder / PERSONAL_ADAPTER_DIR / ADAPTER_WEIGHTS)))
-        except ValueError as err:
-            raise ConfigError(folder, "adapter", str(err)) from err
-    elif adapted is not None:
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(adapted, load_file(str(folder / ADAPTER_FILE)))
-        if result.unexpected_keys:
-            raise ConfigError(
-                folder, "adapter", f"weights do not fit the model: {result.unexpected_keys[:3]}"
-            )
+    except ValueError as err:
+        raise ConfigError(folder, "adapter", str(err)) from err
     if projector is not None:
         projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
 

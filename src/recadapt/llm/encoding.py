@@ -44,6 +44,19 @@ def add_item_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | 
     return token_id
 
 
+@dataclass(frozen=True)
+class Tokenized:
+    """One sample's token ids, unpadded: ``head`` (the prompt), ``tail`` (the answer and its end of turn; empty
+    for a prompt alone) and the item id of each placeholder, in order."""
+
+    head: list[int]
+    tail: list[int]
+    item_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.tail)
+
+
 @dataclass
 class EncodedBatch:
     """A padded batch for a causal LM.
@@ -142,23 +155,16 @@ class ItemTokenizer:
 
     # token level
 
-    def encode(
-        self,
-        prompts: Sequence[Prompt | str],
-        answers: Sequence[str] | None = None,
-        *,
-        padding_side: PaddingSide | None = None,
-    ) -> EncodedBatch:
-        """Tokenize and pad a batch. With ``answers``: training inputs with labels (default right padding).
-        Without: generation prompts, no labels (default left padding, so every row ends where generation starts).
-        """
+    def tokenize(
+        self, prompts: Sequence[Prompt | str], answers: Sequence[str] | None = None
+    ) -> list[Tokenized]:
+        """Each sample's tokens, unpadded: the prompt (chat template applied) and, with ``answers``, the answer
+        with its end of turn. Checks that every placeholder has its item id and that nothing is over
+        ``max_length``. :meth:`pad` makes a batch of them; a sample tokenized once serves training (with its
+        answer) and evaluation (its prompt alone)."""
         prompts = [p if isinstance(p, Prompt) else Prompt(p) for p in prompts]
         if answers is not None and len(answers) != len(prompts):
             raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
-        side: PaddingSide = padding_side or ("right" if answers is not None else "left")
-        if side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
-
         head_texts = [self.prompt_text(p.text) for p in prompts]
         heads = self._ids(head_texts, special=not self.uses_chat_template)
         if answers is None:
@@ -182,12 +188,27 @@ class ItemTokenizer:
                 )
             if answers is not None and not tail:
                 raise ValueError(f"sample {row}: the answer has no tokens")
+        return [
+            Tokenized(head, tail, list(p.item_ids))
+            for p, head, tail in zip(prompts, heads, tails, strict=True)
+        ]
 
+    def pad(
+        self, samples: Sequence[Tokenized], *, answers: bool, padding_side: PaddingSide | None = None
+    ) -> EncodedBatch:
+        """A batch of tokenized samples. ``answers``: training inputs (prompt + answer, labels on the answer;
+        default right padding); else generation prompts (the prompts alone, no labels; default left padding, so
+        every row ends where generation starts)."""
+        side: PaddingSide = padding_side or ("right" if answers else "left")
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        tails = [s.tail if answers else [] for s in samples]
+        heads = [s.head for s in samples]
         width = max((len(h) + len(t) for h, t in zip(heads, tails, strict=True)), default=0)
-        batch = len(prompts)
+        batch = len(samples)
         input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((batch, width), dtype=torch.long)
-        labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long) if answers is not None else None
+        labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long) if answers else None
         for row, (head, tail) in enumerate(zip(heads, tails, strict=True)):
             length = len(head) + len(tail)
             start = width - length if side == "left" else 0
@@ -198,7 +219,7 @@ class ItemTokenizer:
 
         # the pad token is never the placeholder, so the mask of real placeholders is exact
         item_positions = (input_ids == self.item_token_id).nonzero()
-        item_ids = torch.tensor([i for p in prompts for i in p.item_ids], dtype=torch.long)
+        item_ids = torch.tensor([i for s in samples for i in s.item_ids], dtype=torch.long)
         return EncodedBatch(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -206,6 +227,21 @@ class ItemTokenizer:
             item_positions=item_positions,
             item_ids=item_ids,
             padding_side=side,
+        )
+
+    def encode(
+        self,
+        prompts: Sequence[Prompt | str],
+        answers: Sequence[str] | None = None,
+        *,
+        padding_side: PaddingSide | None = None,
+    ) -> EncodedBatch:
+        """Tokenize and pad a batch (:meth:`tokenize`, then :meth:`pad`). With ``answers``: training inputs with
+        labels (default right padding). Without: generation prompts, no labels (default left padding)."""
+        if padding_side is not None and padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        return self.pad(
+            self.tokenize(prompts, answers), answers=answers is not None, padding_side=padding_side
         )
 
     def __call__(

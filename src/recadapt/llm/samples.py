@@ -1,18 +1,21 @@
 """Prompt samples for the LLM recipe: :class:`PromptFactory` turns the rows of a persisted protocol part into
-prompts and answers (titles, tags, ReLLa's retrieved view), and :func:`encode_fitted` encodes a batch of them with
-every sample fitted to the token budget."""
+prompts and answers (titles, tags, ReLLa's retrieved view); :class:`PromptDataset` makes each sample one typed
+record, tokenized once with its history fitted to the token budget, and collates records into training batches
+or evaluation prompts."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from recadapt.data.prepare import Prepared
 from recadapt.errors import ConfigError
-from recadapt.llm.encoding import EncodedBatch, ItemTokenizer
+from recadapt.llm.encoding import EncodedBatch, ItemTokenizer, Tokenized
 from recadapt.llm.prompt_templates import load_templates
 from recadapt.llm.prompts import (
     Prompt,
@@ -89,10 +92,6 @@ class PromptFactory:
 
     def __len__(self) -> int:
         return len(self.frame)
-
-    def conditioning_inputs(self, rows: Sequence[int]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Each row's user and whole history: what a :class:`~recadapt.cf.runs.CondSource` reads."""
-        return self.users[list(rows)], [self.full_histories[r] for r in rows]
 
     def set_retrieval(self, positions: Sequence[np.ndarray]) -> None:
         """Give every row a retrieved view: ``positions`` (ascending) into its full history, e.g. ReLLa's SUBR
@@ -193,36 +192,76 @@ def item_tag_lists(items: pd.DataFrame, n_items: int, dataset: str = "") -> list
     return lists
 
 
-def encode_fitted(
-    encoder: ItemTokenizer,
-    factory: PromptFactory,
-    rows: Sequence[int],
-    *,
-    templates: Sequence[int],
-    hybrid: bool,
-    max_tokens: int,
-    retrieved: Sequence[bool] | None = None,
-) -> tuple[list[Prompt], EncodedBatch]:
-    """Training inputs for ``rows`` with every sample (prompt + answer) within ``max_tokens``: a sample over the
-    budget drops its oldest history items, one at a time, until it fits. ``retrieved[i]``: row i shows its
-    retrieved view (ReLLa) instead of its recent items."""
-    views = list(retrieved) if retrieved is not None else [False] * len(rows)
-    keep = [factory.n_history(r, v) for r, v in zip(rows, views, strict=True)]
-    answers = [factory.answer(r) for r in rows]
-    while True:
-        prompts = [
-            factory.prompt(r, n_history=k, template=t, hybrid=hybrid, retrieved=v)
-            for r, k, t, v in zip(rows, keep, templates, views, strict=True)
-        ]
-        batch = encoder.encode(prompts, answers)
-        lengths = batch.attention_mask.sum(dim=1).tolist()
-        over = [i for i, n in enumerate(lengths) if n > max_tokens]
-        if not over:
-            return prompts, batch
-        for i in over:
-            if keep[i] == 0:
-                raise ValueError(
-                    f"sample {rows[i]} needs {lengths[i]} tokens without any history, over "
-                    f"llm.max_prompt_tokens={max_tokens}; raise it"
+@dataclass(frozen=True)
+class SampleKey:
+    """Which sample to build: a row of the part, the template, hybrid or text prompt, and ReLLa's view."""
+
+    row: int
+    template: int = 0
+    hybrid: bool = False
+    retrieved: bool = False
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """One sample, built and tokenized once: its prompt (history fitted to the token budget), answer and tokens,
+    and what a conditioned adapter reads (the user and the whole history), so a batch carries its own
+    conditioning."""
+
+    key: SampleKey
+    prompt: Prompt
+    answer: str
+    tokens: Tokenized
+    n_history: int
+    user: int
+    history: np.ndarray
+
+
+class PromptDataset(torch.utils.data.Dataset):
+    """The samples of one protocol part as records (torchtune's ``SFTTransform``, litgpt's ``SFTDataset``): item
+    ``key`` is the :class:`SampleRecord` of that row, template, prompt kind and view, with the prompt + answer
+    fitted to ``max_tokens`` by dropping the oldest history items one at a time, each sample on its own. The
+    collate functions make training batches (:meth:`training_batch`) and evaluation prompts
+    (:meth:`prompt_batch`) from the same records."""
+
+    def __init__(self, factory: PromptFactory, encoder: ItemTokenizer, max_tokens: int) -> None:
+        self.factory, self.encoder, self.max_tokens = factory, encoder, max_tokens
+
+    def __len__(self) -> int:
+        return len(self.factory)
+
+    def __getitem__(self, key: SampleKey) -> SampleRecord:
+        factory, row = self.factory, key.row
+        answer = factory.answer(row)
+        keep = factory.n_history(row, key.retrieved)
+        while True:
+            prompt = factory.prompt(
+                row, n_history=keep, template=key.template, hybrid=key.hybrid, retrieved=key.retrieved
+            )
+            (tokens,) = self.encoder.tokenize([prompt], [answer])
+            if len(tokens) <= self.max_tokens:
+                return SampleRecord(
+                    key, prompt, answer, tokens, keep, int(factory.users[row]), factory.full_histories[row]
                 )
-            keep[i] -= 1
+            if keep == 0:
+                raise ValueError(
+                    f"sample {row} needs {len(tokens)} tokens without any history, over "
+                    f"llm.max_prompt_tokens={self.max_tokens}; raise it"
+                )
+            keep -= 1
+
+    def records(self, keys: Sequence[SampleKey]) -> list[SampleRecord]:
+        return [self[key] for key in keys]
+
+    def training_batch(self, records: Sequence[SampleRecord]) -> EncodedBatch:
+        """Prompt + answer, right-padded, labels on the answers."""
+        return self.encoder.pad([r.tokens for r in records], answers=True)
+
+    def prompt_batch(self, records: Sequence[SampleRecord]) -> EncodedBatch:
+        """The prompts alone, left-padded: what ranking and p(Yes) read."""
+        return self.encoder.pad([r.tokens for r in records], answers=False)
+
+
+def conditioning_inputs(records: Sequence[SampleRecord]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The users and whole histories of ``records``: what a :class:`~recadapt.cf.runs.CondSource` reads."""
+    return np.array([r.user for r in records], dtype=np.int64), [r.history for r in records]

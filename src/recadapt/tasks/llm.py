@@ -16,7 +16,7 @@ from recadapt.cf.runs import CondSource
 from recadapt.llm.encoding import EncodedBatch, ItemTokenizer
 from recadapt.llm.injection import ItemEmbedder
 from recadapt.llm.prompts import EVAL_TEMPLATE_INDEX
-from recadapt.llm.samples import PromptFactory, encode_fitted
+from recadapt.llm.samples import PromptDataset, PromptFactory, SampleKey, conditioning_inputs
 from recadapt.progress import progress_bar
 from recadapt.tasks.evaluate import RANKING_KS
 from recadapt.tasks.metrics import Estimate, ctr_report, mean_with_ci, ranking_report, target_ranks
@@ -81,29 +81,18 @@ def evaluate_llm(
         )
         if yes_id == no_id:
             raise ValueError("the Yes and No answers start with the same token; CTR cannot be scored")
+    samples = PromptDataset(factory, encoder, max_tokens)
     chunks = [rows[i : i + EVAL_CHUNK] for i in range(0, len(rows), EVAL_CHUNK)]
     for chunk in progress_bar(chunks, desc="evaluate", enabled=progress, leave=False):
         chunk_rows = [int(r) for r in chunk]
-        templates = [EVAL_TEMPLATE_INDEX] * len(chunk_rows)
-        prompts, _ = encode_fitted(
-            encoder,
-            factory,
-            chunk_rows,
-            templates=templates,
-            hybrid=hybrid,
-            max_tokens=max_tokens,
-            retrieved=[retrieved] * len(chunk_rows),
-        )
+        # the history fitted with the answer counted, as in training; ranking then reads the prompts alone
+        records = samples.records([SampleKey(r, EVAL_TEMPLATE_INDEX, hybrid, retrieved) for r in chunk_rows])
         device = next(model.parameters()).device
-        cond = (
-            cond_source(*factory.conditioning_inputs(chunk_rows)).to(device)
-            if cond_source is not None
-            else None
-        )
+        cond = cond_source(*conditioning_inputs(records)).to(device) if cond_source is not None else None
         with (
             autocast()
         ):  # the one precision rule: projection, adapter and backbone all under the run's autocast
-            inputs = prompt_inputs(encoder.encode(prompts).to(device), embedder)
+            inputs = prompt_inputs(samples.prompt_batch(records).to(device), embedder)
             if factory.protocol == "ctr":
                 probs.append(
                     yes_probability(model, inputs, yes_id, no_id, batch_size=batch_size, cond=cond).numpy()

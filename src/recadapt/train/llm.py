@@ -32,7 +32,6 @@ from recadapt.adapters.build import (
     PERSONAL_ADAPTER_DIR,
     attach_adapter,
     has_adapter,
-    inference_model,
     load_weights,
 )
 from recadapt.cf.runs import CondSource, crm_item_table, load_crm_run
@@ -109,6 +108,12 @@ def _check_config(config: RunConfig, llm: LLMConfig) -> None:
         kind = adapter_kind(llm.adapter)
     except ValueError as err:
         raise config.error("llm.adapter", str(err)) from None
+    if llm.gradient_checkpointing and not kind.supports_gradient_checkpointing:
+        raise config.error(
+            "llm.gradient_checkpointing",
+            f"adapter {llm.adapter} does not support it (its per-instance mix is not there when the backward pass "
+            "recomputes a layer)",
+        )
     if llm.adapter != "lora":
         if not spec.trains:
             raise config.error("llm.adapter", f"{name} trains no adapter; leave it at lora")
@@ -271,7 +276,7 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
     if main:
         # accelerate's mixed-precision wrappers come off: evaluation sets its own autocast, the same one a
         # reloaded run uses (evaluate_llm_run), so both paths compute identical scores
-        base = inference_model(unwrapped(accelerator, adapted)) if adapted is not None else model
+        base = unwrapped(accelerator, adapted) if adapted is not None else model
         rows, reports = _evaluate_part(
             config,
             base,
@@ -473,7 +478,7 @@ def evaluate_llm_run(
     if spec.trains:
         adapted = attach_adapter(backbone.model, llm, cond_source.dim if cond_source else 0)
         load_weights(final, adapted, projector)
-        model = inference_model(adapted)
+        model = adapted
     if projector is not None:
         projector.eval()
     _, reports = _evaluate_part(

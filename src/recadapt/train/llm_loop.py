@@ -36,7 +36,7 @@ from recadapt.errors import NonFiniteLossError
 from recadapt.io import atomic_directory
 from recadapt.llm.encoding import IGNORE_INDEX, EncodedBatch, ItemTokenizer
 from recadapt.llm.injection import CurriculumSchedule, ItemEmbedder
-from recadapt.llm.samples import PromptFactory, encode_fitted
+from recadapt.llm.samples import PromptDataset, PromptFactory, SampleKey, conditioning_inputs
 from recadapt.progress import progress_bar
 from recadapt.train.config import LLMConfig, RunConfig
 from recadapt.train.logger import RunLogger, truncate_log
@@ -180,7 +180,6 @@ def train_loop(
     and the final state."""
     from transformers import get_cosine_schedule_with_warmup
 
-    from recadapt.adapters import AdaptedModel
     from recadapt.llm.retrieval import mixed_view
 
     seed, run_dir = config.train.seed, config.run_dir
@@ -188,12 +187,7 @@ def train_loop(
     adapted = attach_adapter(backbone_model, llm, cond_source.dim if cond_source else 0)
     if llm.gradient_checkpointing:
         enable_gradient_checkpointing(adapted)
-    if isinstance(adapted, AdaptedModel):  # adapter weights at lr, a gate / conditioner at its own scale
-        groups = adapted.param_groups(llm.lr)
-    else:
-        groups = [
-            {"params": [p for p in adapted.parameters() if p.requires_grad], "lr": llm.lr, "name": "lora"},
-        ]
+    groups = adapted.param_groups(llm.lr)  # adapter weights at lr, a gate / conditioner at its own scale
     if projector is not None:
         groups.append(
             {"params": list(projector.parameters()), "lr": llm.projector_lr or llm.lr, "name": "projector"}
@@ -206,7 +200,9 @@ def train_loop(
         entry_views = np.repeat([False, True], len(subset))
     else:
         entry_rows, entry_views = np.asarray(subset), np.full(len(subset), llm.history == "retrieved")
-    # token lengths (text prompt, evaluation template, answer) order the samples for bucketing
+    samples = PromptDataset(factory, encoder, llm.max_prompt_tokens)
+    # token lengths (text prompt, evaluation template, answer) order the samples for bucketing: an estimate made
+    # once per run, before each epoch's records (template, prompt kind) are known
     texts = [
         factory.prompt(int(r), retrieved=bool(v)).text + " " + factory.answer(int(r))
         for r, v in zip(entry_rows, entry_views, strict=True)
@@ -285,18 +281,11 @@ def train_loop(
                 views = [mixed_view(r, seed, state.epoch) for r in rows]
             else:
                 views = [bool(entry_views[i]) for i in indices.tolist()]
-            _, batch = encode_fitted(
-                encoder,
-                factory,
-                rows,
-                templates=templates,
-                hybrid=hybrid,
-                max_tokens=llm.max_prompt_tokens,
-                retrieved=views,
-            )
-            batch = batch.to(accelerator.device)
+            keys = [SampleKey(r, t, hybrid, v) for r, t, v in zip(rows, templates, views, strict=True)]
+            records = samples.records(keys)
+            batch = samples.training_batch(records).to(accelerator.device)
             with accelerator.accumulate(*([model] if projector is None else [model, projector])):
-                cond = cond_source(*factory.conditioning_inputs(rows)) if cond_source is not None else None
+                cond = cond_source(*conditioning_inputs(records)) if cond_source is not None else None
                 loss = forward_loss(model, batch, embedder if hybrid else None, cond)
                 value = (
                     float(accelerator.reduce(loss.detach(), "mean"))
@@ -358,7 +347,7 @@ def train_loop(
         logger.close()
     if accelerator.is_main_process:
         with atomic_directory(run_dir / FINAL_DIR) as tmp:
-            save_weights(tmp, adapted, raw_projector)
+            save_weights(tmp, adapted, raw_projector, base_model=llm.backbone)
     if not state.finished:
         state.finished = True
         save_checkpoint(accelerator, ckpt_dir, adapted, raw_projector, optimizer, scheduler, state)

@@ -147,13 +147,14 @@ class LLMConfig:
     train_samples: int = 0  # > 0: train on the first N samples of a fixed permutation (ctr: shot_rank < N)
     max_prompt_tokens: int = 1024  # prompt + answer; longer samples drop their oldest history items
     crm_run: str | None = None  # llara, ilora: a trained CRM run directory (item embeddings, user vectors)
-    # the low-rank update: lora (PEFT) or a personalized kind of recadapt.adapters, built with lora_r,
+    # the low-rank update: a kind of recadapt.adapters (lora, or a personalized one), built with lora_r,
     # lora_alpha, lora_dropout and lora_target_modules plus adapter_options (e.g. {n_experts: 4, gate: cnn})
     adapter: str = "lora"
     adapter_options: dict[str, Any] = field(default_factory=dict)
     # recompute each decoder layer's activations in the backward pass: a fraction of the activation memory
-    # (long prompts) for about a third more compute; the same losses and gradients. PEFT's lora only: the
-    # personalized kinds get their per-instance mix from hooks that live only during the forward call
+    # (long prompts) for about a third more compute; the same losses and gradients. For the kinds that support it
+    # (lora, bottleneck): the personalized ones get their per-instance mix from hooks that live only during the
+    # forward call, so a recomputed layer would miss it
     gradient_checkpointing: bool = False
     # conditioning of a personalized adapter: crm = the CRM run's representation of the user's history (iLoRA's
     # sequence representation), random = a fixed random vector per user (the ablation)
@@ -202,13 +203,6 @@ class LLMConfig:
         if self.history not in HISTORY_VIEWS:
             raise ConfigError(
                 "config", "llm.history", f"must be one of {HISTORY_VIEWS}, got {self.history!r}"
-            )
-        if self.gradient_checkpointing and self.adapter != "lora":
-            raise ConfigError(
-                "config",
-                "llm.gradient_checkpointing",
-                f"works with llm.adapter=lora only, not {self.adapter!r} (its per-instance mix is not there when "
-                "the backward pass recomputes a layer)",
             )
         if self.item_tags < 0:
             raise ConfigError("config", "llm.item_tags", f"must be >= 0, got {self.item_tags}")
