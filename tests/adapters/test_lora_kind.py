@@ -33,7 +33,7 @@ from recadapt.adapters import (
     save_adapters,
     save_peft_lora,
 )
-from recadapt.adapters.model import PEFT_WEIGHTS
+from recadapt.adapters.storage import PEFT_WEIGHTS
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),

@@ -30,22 +30,24 @@ from recadapt.adapters.layerwise import (
 )
 from recadapt.adapters.lora import LoRAConfig, LoRALayer
 from recadapt.adapters.model import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
     AdaptedModel,
     AdaptedModelBase,
     AdapterGroup,
     attach_adapters,
     enable_gradient_checkpointing,
+)
+from recadapt.adapters.moe_lora import MoEGate, MoELoRAConfig, MoELoRALayer
+from recadapt.adapters.personal_lora import PersonalGate, PersonalLoRAConfig, PersonalLoRALayer
+from recadapt.adapters.registry import ADAPTERS, AdapterKind, adapter_kind, config_from_dict, make_config
+from recadapt.adapters.storage import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     load_adapters,
     load_lora_weights,
     read_adapter_config,
     save_adapters,
     save_peft_lora,
 )
-from recadapt.adapters.moe_lora import MoEGate, MoELoRAConfig, MoELoRALayer
-from recadapt.adapters.personal_lora import PersonalGate, PersonalLoRAConfig, PersonalLoRALayer
-from recadapt.adapters.registry import ADAPTERS, AdapterKind, adapter_kind, config_from_dict, make_config
 
 __all__ = [
     "ADAPTERS",

@@ -22,7 +22,6 @@ from torch import nn
 
 from recadapt.adapters.base import AdapterConfig, AdapterLayer, ConditionedConfig
 from recadapt.adapters.model import (
-    ADAPTER_WEIGHTS,
     CONDITIONER_PREFIX,
     AdaptedModelBase,
     AdapterGroup,
@@ -30,9 +29,9 @@ from recadapt.adapters.model import (
     _make_conditioner,
     _replace_targets,
     _target_names,
-    read_versioned_json,
 )
 from recadapt.adapters.registry import config_from_dict
+from recadapt.adapters.storage import ADAPTER_WEIGHTS, read_versioned_json
 from recadapt.io import atomic_directory, write_json_atomic
 
 LAYERWISE_PLAN = "adapter_plan.json"

@@ -83,7 +83,7 @@ def evaluate_llm(
             raise ValueError("the Yes and No answers start with the same token; CTR cannot be scored")
     samples = PromptDataset(factory, encoder, max_tokens)
     chunks = [rows[i : i + EVAL_CHUNK] for i in range(0, len(rows), EVAL_CHUNK)]
-    for chunk in progress_bar(chunks, desc="evaluate", enabled=progress, leave=False):
+    for chunk in progress_bar(chunks, desc="evaluate", enabled=progress):  # minutes: lines in a log too
         chunk_rows = [int(r) for r in chunk]
         # the history fitted with the answer counted, as in training; ranking then reads the prompts alone
         records = samples.records([SampleKey(r, EVAL_TEMPLATE_INDEX, hybrid, retrieved) for r in chunk_rows])
