@@ -30,6 +30,21 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from recadapt.data.synth import SynthSpec, write_recbole
+
+    spec = SynthSpec(
+        variant=args.variant,
+        n_users=args.users,
+        n_genres=args.genres,
+        items_per_genre=args.items_per_genre,
+        seed=args.seed,
+    )
+    path = write_recbole(spec, Path(args.out))
+    print(f"{spec.name}: written to {path.parent}; train with --dataset recbole:{path}")
+    return 0
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from recadapt.data.store import ensure_prepared, prepared_root
 
@@ -102,9 +117,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if recipe == "fullrank":
         from recadapt.train.fullrank import evaluate_fullrank_run
 
-        if args.mode:
+        if args.mode or args.shuffle_crm:
             raise ValueError(
-                "--mode applies to next-item LLM runs; a full-ranking run scores the whole catalogue"
+                "--mode and --shuffle-crm apply to LLM runs; a full-ranking run scores the whole catalogue"
             )
         reports = {
             "": evaluate_fullrank_run(run_dir, part=args.part, n_boot=args.n_boot, samples=args.samples)
@@ -115,13 +130,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.samples is not None:
             raise ValueError("--samples applies to CRM runs; an LLM run evaluates its own llm.eval_samples")
         reports = evaluate_llm_run(
-            run_dir, part=args.part, modes=args.mode, n_boot=args.n_boot, progress=not args.quiet
+            run_dir,
+            part=args.part,
+            modes=args.mode,
+            n_boot=args.n_boot,
+            progress=not args.quiet,
+            shuffle_crm=args.shuffle_crm,
         )
     else:
         from recadapt.train.crm import evaluate_run
 
-        if args.mode:
-            raise ValueError("--mode applies to LLM runs; a conventional recommender scores every candidate")
+        if args.mode or args.shuffle_crm:
+            raise ValueError(
+                "--mode and --shuffle-crm apply to LLM runs; a conventional recommender scores every candidate"
+            )
         reports = {"": evaluate_run(run_dir, part=args.part, n_boot=args.n_boot, samples=args.samples or 0)}
     for mode, report in reports.items():
         label = f"{args.part} {mode}".strip() if mode and mode != "ctr" else args.part
@@ -180,6 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--url", help="override the download URL (mirrors, tests)")
     fetch.set_defaults(func=_cmd_fetch)
 
+    synth = data.add_parser(
+        "synth",
+        help="write a seeded synthetic dataset whose signal is known (RecBole files): the learnability suite",
+    )
+    synth.add_argument("--variant", required=True, choices=["text", "cf", "long", "ctr"])
+    synth.add_argument("--out", required=True, help="folder; the dataset goes to OUT/synth-VARIANT-sSEED/")
+    synth.add_argument("--users", type=int, default=1000)
+    synth.add_argument("--genres", type=int, default=20)
+    synth.add_argument("--items-per-genre", type=int, default=25)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=_cmd_synth)
+
     prep = data.add_parser("prepare", help="build and persist a protocol split (deterministic)")
     prep.add_argument("--dataset", required=True, help="ml-100k, lastfm, ml-1m-ctr, ... or recbole:PATH/NAME")
     prep.add_argument(
@@ -225,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=["generate", "constrained", "score"],
         help="LLM runs: ranking modes to evaluate (default: the run's llm.eval_modes)",
+    )
+    ev.add_argument(
+        "--shuffle-crm",
+        action="store_true",
+        help="LLM runs with a CRM: permute item ids on the CRM's side (its item table, the histories it reads); "
+        "a method that uses its collaborative input must score worse",
     )
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_cmd_eval)

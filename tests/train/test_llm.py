@@ -685,16 +685,8 @@ def test_item_tags_need_a_tags_or_genres_column(workdir: Path) -> None:
         PromptFactory(prepared, "train", "item", history_len=10, item_tags=3)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "no"])
-@pytest.mark.parametrize(("method", "protocol"), [("llara", "next-item"), ("ilora", "ctr")])
-def test_trained_and_reloaded_runs_score_identically_in_each_precision(
-    workdir: Path, monkeypatch, precision: str, method: str, protocol: str
-) -> None:
-    """One precision rule for both evaluation paths: the raw per-sample scores of the evaluation that ends
-    training equal those of ``recadapt eval`` on the saved run, bit for bit, under bf16 autocast and in fp32.
-    (Before, accelerate's autocast wrapper stayed on the trained run's projector and adapter, so a trained LLaRA
-    projected its items in bf16 and the reloaded one in fp32.) ``llm.precision`` is explicit, so the test does
-    not depend on whether this CPU runs bf16 natively."""
+def _record_raw_scores(monkeypatch) -> list[np.ndarray]:
+    """A list that collects every raw score evaluation computes: candidate scores (next-item), p(Yes) (ctr)."""
     import recadapt.llm.ranking as ranking
 
     recorded: list[np.ndarray] = []
@@ -712,6 +704,20 @@ def test_trained_and_reloaded_runs_score_identically_in_each_precision(
 
     monkeypatch.setattr(ranking, "rank_candidates", rank_spy)
     monkeypatch.setattr(ranking, "yes_probability", yes_spy)
+    return recorded
+
+
+@pytest.mark.parametrize("precision", ["bf16", "no"])
+@pytest.mark.parametrize(("method", "protocol"), [("llara", "next-item"), ("ilora", "ctr")])
+def test_trained_and_reloaded_runs_score_identically_in_each_precision(
+    workdir: Path, monkeypatch, precision: str, method: str, protocol: str
+) -> None:
+    """One precision rule for both evaluation paths: the raw per-sample scores of the evaluation that ends
+    training equal those of ``recadapt eval`` on the saved run, bit for bit, under bf16 autocast and in fp32.
+    (Before, accelerate's autocast wrapper stayed on the trained run's projector and adapter, so a trained LLaRA
+    projected its items in bf16 and the reloaded one in fp32.) ``llm.precision`` is explicit, so the test does
+    not depend on whether this CPU runs bf16 natively."""
+    recorded = _record_raw_scores(monkeypatch)
     crm_run = _train_tiny_sasrec(workdir, f"sasrec-precision-{protocol}", f"data.protocol={protocol}")
     run = f"{method}-{protocol}-precision-{precision}"
     extra = [f"llm.crm_run={crm_run}", f"llm.precision={precision}", "llm.train_samples=8", "llm.epochs=1"]
@@ -739,3 +745,28 @@ def test_native_bf16_detection_can_be_forced_either_way(monkeypatch) -> None:
     monkeypatch.setenv("RECADAPT_NATIVE_BF16", "yes")
     with pytest.raises(ValueError, match="RECADAPT_NATIVE_BF16"):
         select_precision(cpu)
+
+
+@pytest.mark.parametrize(("method", "protocol"), [("llara", "next-item"), ("ilora", "ctr")])
+def test_the_shuffled_crm_probe_changes_what_the_crm_feeds(
+    workdir: Path, monkeypatch, capsys, method: str, protocol: str
+) -> None:
+    """``recadapt eval RUN --shuffle-crm`` permutes item ids on the CRM's side only (LLaRA's item table, iLoRA's
+    gate input): the raw scores move, while an evaluation without it reproduces the run. Whether a trained
+    method gets *worse* is what the learnability suite measures; here, that the probe reaches the model."""
+    recorded = _record_raw_scores(monkeypatch)
+    crm_run = _train_tiny_sasrec(workdir, f"sasrec-shuffle-{protocol}", f"data.protocol={protocol}")
+    run = f"{method}-{protocol}-shuffle"
+    extra = [f"llm.crm_run={crm_run}", "llm.train_samples=8", "llm.epochs=1", "llm.eval_samples=12"]
+    extra += ["llm.eval_modes=[score]", "llm.checkpoint_every=50", "llm.projector_lr=1e-2"]
+    assert main(_args(workdir, method, run, *extra, protocol=protocol)) == 0
+    scores = {}
+    for flags in ((), ("--shuffle-crm",)):
+        recorded.clear()
+        assert main(["eval", str(workdir / "runs" / run), "--json", *flags]) == 0
+        scores[flags] = np.concatenate(recorded)
+    assert scores[()].shape == scores[("--shuffle-crm",)].shape
+    assert not np.array_equal(scores[()], scores[("--shuffle-crm",)])
+    capsys.readouterr()
+    assert main(["eval", str(workdir / "runs" / crm_run.name), "--shuffle-crm"]) == 2
+    assert "--shuffle-crm apply to LLM runs" in capsys.readouterr().err

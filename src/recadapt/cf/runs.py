@@ -67,6 +67,7 @@ class CondSource:
     history_len: int
     crm: nn.Module | None = None
     seed: int = 0
+    item_map: np.ndarray | None = None  # item id -> the id the CRM reads instead (the shuffled-CRM probe)
 
     def __call__(self, users: np.ndarray, histories: Sequence[np.ndarray]) -> Tensor:
         """``users`` [rows] and each row's whole history (oldest first) -> ``cond`` [rows, dim]."""
@@ -77,6 +78,8 @@ class CondSource:
             ]
             return torch.tensor(np.stack(vectors), dtype=torch.float32)
         assert self.crm is not None
+        if self.item_map is not None:
+            histories = [self.item_map[np.asarray(h, dtype=np.int64)] for h in histories]
         device = next(self.crm.parameters()).device
         batch = {
             "history": torch.from_numpy(

@@ -62,6 +62,8 @@ from recadapt.train.state import rounded_train_seconds
 
 log = logging.getLogger(__name__)
 
+STREAM_SHUFFLE = 16  # the random stream of the shuffled-CRM probe
+
 # train.* fields an LLM run reads; the others belong to the CRM recipe and must stay at their defaults
 TRAIN_FIELDS_USED = ("seed", "max_len", "n_boot", "num_threads")
 # llm.* fields that may change between a checkpoint and its resumption (they do not affect training)
@@ -322,9 +324,14 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
 
 
 def _collaborative_inputs(
-    config: RunConfig, prepared: Prepared, device: torch.device
+    config: RunConfig, prepared: Prepared, device: torch.device, *, shuffle_crm: bool = False
 ) -> tuple[Tensor | None, CondSource | None]:
-    """What a method takes from its CRM run: the item table (hybrid prompts) and the adapter's cond source."""
+    """What a method takes from its CRM run: the item table (hybrid prompts) and the adapter's cond source.
+
+    ``shuffle_crm``: the probe of whether the method uses them. Item ids are permuted (seeded by the split seed)
+    on the CRM's side only: every placeholder gets another item's embedding and the conditioning CRM reads
+    other items' histories, while prompts, titles and candidates stay as they are. A method that uses its CRM
+    input must score worse."""
     llm = config.llm or LLMConfig()
     spec = method(config.model_name)
     hybrid = spec.hybrid
@@ -333,6 +340,13 @@ def _collaborative_inputs(
     if llm.crm_run and (hybrid or (conditioned and llm.cond == "crm")):
         crm, crm_len = load_crm_run(llm.crm_run, prepared, config.data.dataset, device)
     item_table = crm_item_table(crm) if hybrid and crm is not None else None
+    item_map = None
+    if shuffle_crm:
+        item_map = np.random.default_rng([config.data.split_seed, STREAM_SHUFFLE]).permutation(
+            prepared.n_items
+        )
+        if item_table is not None:
+            item_table = item_table[torch.from_numpy(item_map).to(item_table.device)]
     cond_source = None
     if conditioned:
         from recadapt.adapters import ConditionedConfig, adapter_kind
@@ -345,6 +359,7 @@ def _collaborative_inputs(
                 history_len=llm.cond_history_len or crm_len or TrainConfig().max_len,
                 crm=crm if llm.cond == "crm" else None,
                 seed=config.train.seed,
+                item_map=item_map,
             )
     return item_table, cond_source
 
@@ -430,9 +445,11 @@ def evaluate_llm_run(
     modes: Sequence[str] | None = None,
     n_boot: int | None = None,
     progress: bool = True,
+    shuffle_crm: bool = False,
 ) -> dict[str, dict[str, Estimate]]:
     """Evaluate a finished LLM run again from what it saved (``config.yaml`` and the ``final`` adapter and
-    projector), with any ranking modes: ``recadapt eval RUN_DIR --mode constrained``.
+    projector), with any ranking modes: ``recadapt eval RUN_DIR --mode constrained``. ``shuffle_crm``: the
+    shuffled-table probe (see :func:`_collaborative_inputs`).
 
     Returns one report per mode (next-item) or ``{"ctr": ...}``. The run's own settings decide the prompts, the
     evaluation rows and the bootstrap seed, so the same modes reproduce ``metrics.json``.
@@ -471,7 +488,9 @@ def evaluate_llm_run(
     encoder = ItemTokenizer(backbone.tokenizer, model=backbone.model)
     model: nn.Module = backbone.model
     item_vectors = _retrieval_vectors(config, backbone, prepared, progress)
-    item_table, cond_source = _collaborative_inputs(config, prepared, accelerator.device)
+    item_table, cond_source = _collaborative_inputs(
+        config, prepared, accelerator.device, shuffle_crm=shuffle_crm
+    )
     projector = None
     if item_table is not None:
         projector = ItemProjector(item_table.shape[1], backbone.hidden_size).to(accelerator.device)
