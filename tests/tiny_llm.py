@@ -78,3 +78,13 @@ def save_tiny_backbone(folder: Path, *, chat: bool = True, seed: int = 0, logit_
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return Path(folder)
+
+
+def randomize_lora_b(model: Any, seed: int) -> Any:
+    """Give every adapter layer's ``lora_B`` (zero at init) seeded random values, so the update matters in a
+    test; returns the model in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.adapter_layers.values():
+            layer.lora_B.copy_(0.3 * torch.randn(layer.lora_B.shape, generator=generator))
+    return model.eval()

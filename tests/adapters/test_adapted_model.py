@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_llm import tiny_llama
+from tiny_llm import randomize_lora_b, tiny_llama
 from torch.testing import assert_close
 
 from recadapt.adapters import (
@@ -48,12 +48,7 @@ def adapted(kind: str, *, seed: int = 0, randomize: bool = True, **values: Any) 
     model = attach_adapters(
         tiny_llama(VOCAB, hidden_size=HIDDEN), make_config(kind, r=R, **{**KINDS[kind], **values})
     )
-    if randomize:
-        generator = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for layer in model.adapter_layers.values():
-                layer.lora_B.copy_(0.3 * torch.randn(layer.lora_B.shape, generator=generator))
-    return model.eval()
+    return randomize_lora_b(model, seed + 1) if randomize else model.eval()
 
 
 def ids(batch: int = 2, length: int = 9, seed: int = 3) -> torch.Tensor:

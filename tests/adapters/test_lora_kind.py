@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_llm import tiny_llama
+from tiny_llm import randomize_lora_b, tiny_llama
 from torch.testing import assert_close
 
 from recadapt.adapters import (
@@ -56,12 +56,7 @@ def adapted(kind: str = "lora", *, seed: int = 0, randomize: bool = True, **valu
     """``kind`` on a tiny Llama; ``randomize`` makes B (zero at init) random so the update matters."""
     torch.manual_seed(seed)
     model = attach_adapters(base(), make_config(kind, r=R, **{**CONDITIONED.get(kind, {}), **values}))
-    if randomize:
-        generator = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for layer in model.adapter_layers.values():
-                layer.lora_B.copy_(0.3 * torch.randn(layer.lora_B.shape, generator=generator))
-    return model.eval()
+    return randomize_lora_b(model, seed + 1) if randomize else model.eval()
 
 
 def ids(batch: int = 2, length: int = 9, seed: int = 3) -> torch.Tensor:

@@ -153,9 +153,7 @@ def train_crm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
     With ``resume`` an existing checkpoint continues, if it was written under the same config; a finished run
     returns its metrics.
     """
-    with run_dir_lock(config.run_dir) as recovered:
-        for line in recovered:
-            log.warning("%s: %s (left by an interrupted process)", config.run_dir, line)
+    with run_dir_lock(config.run_dir):
         return _train_crm(config, resume, progress)
 
 

@@ -204,9 +204,7 @@ def train_fullrank(
     ``evaluate_test=False`` (the adapter search's proxy runs) stops after model selection on validation. The
     run directory is this process's alone while it works (:func:`~recadapt.train.runlock.run_dir_lock`).
     """
-    with run_dir_lock(config.run_dir) as recovered:
-        for line in recovered:
-            log.warning("%s: %s (left by an interrupted process)", config.run_dir, line)
+    with run_dir_lock(config.run_dir):
         return _train_fullrank(config, resume, progress, evaluate_test)
 
 

@@ -162,9 +162,7 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
 
     if not PartialState().is_main_process:
         return _train_llm(config, resume, progress)
-    with run_dir_lock(config.run_dir) as recovered:
-        for line in recovered:
-            log.warning("%s: %s (left by an interrupted process)", config.run_dir, line)
+    with run_dir_lock(config.run_dir):
         return _train_llm(config, resume, progress)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -23,6 +24,8 @@ from recadapt.io import recover_interrupted
 
 LOCK_FILE = ".lock"
 
+log = logging.getLogger(__name__)
+
 
 def _holder(path: Path) -> str:
     try:
@@ -33,10 +36,10 @@ def _holder(path: Path) -> str:
 
 
 @contextmanager
-def run_dir_lock(run_dir: Path) -> Iterator[list[str]]:
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir``'s lock for the ``with`` block (creating the directory), or raise
     :class:`RunDirBusyError` naming the holder. Inside the lock, what an earlier process killed mid-write left
-    behind is cleaned up (:func:`recadapt.io.recover_interrupted`); the block receives the list of what was done.
+    behind is cleaned up (:func:`recadapt.io.recover_interrupted`), each step logged as a warning.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +69,9 @@ def run_dir_lock(run_dir: Path) -> Iterator[list[str]]:
         }
         os.ftruncate(fd, 0)
         os.write(fd, (json.dumps(info) + "\n").encode())
-        yield recover_interrupted(run_dir)
+        for line in recover_interrupted(run_dir):
+            log.warning("%s: %s (left by an interrupted process)", run_dir, line)
+        yield
     finally:
         try:
             path.unlink(missing_ok=True)
