@@ -11,7 +11,15 @@ import torch
 from tiny_llm import tiny_llama
 from transformers import LlamaForCausalLM
 
-from recadapt.llm.injection import CurriculumSchedule, ItemProjector, inject_item_embeddings
+from recadapt.llm.injection import (
+    CurriculumSchedule,
+    HybridSchedule,
+    ItemProjector,
+    VocabProjector,
+    anchor_token_ids,
+    build_projector,
+    inject_item_embeddings,
+)
 
 VOCAB = 40
 PLACEHOLDER = VOCAB - 1
@@ -124,3 +132,110 @@ def test_curriculum_decisions_are_seeded_and_survive_a_resume() -> None:
     other_seed = [CurriculumSchedule(total_steps=100, seed=8).use_hybrid(step) for step in range(100)]
     assert other_seed != decisions
     assert 0 < sum(decisions) < 100
+
+
+def _clustered_table(n_clusters: int = 4, per_cluster: int = 6, dim: int = 16, seed: int = 0) -> tuple:
+    """A CRM-like table of small entries (SASRec's rows have norm ~0.75): tight clusters around random centres."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_clusters, dim, generator=generator)
+    rows = centres.repeat_interleave(per_cluster, 0) + 0.3 * torch.randn(
+        n_clusters * per_cluster, dim, generator=generator
+    )
+    table = 0.75 * rows / rows.norm(dim=1, keepdim=True)
+    return table, torch.arange(n_clusters).repeat_interleave(per_cluster)
+
+
+def _cosines(vectors: torch.Tensor, clusters: torch.Tensor) -> tuple[float, float]:
+    unit = vectors / vectors.norm(dim=1, keepdim=True)
+    cos = unit @ unit.T
+    same = clusters[:, None] == clusters[None, :]
+    off = ~torch.eye(len(clusters), dtype=torch.bool)
+    return float(cos[same & off].mean()), float(cos[~same].mean())
+
+
+def test_mlp_projector_collapses_small_embeddings_and_scaled_keeps_their_geometry() -> None:
+    """The measured cause of issue 17: LLaRA's MLP at PyTorch's default init maps unrelated small CRM rows to
+    nearly one vector; the scaled projector keeps clusters apart, at the token embeddings' norm."""
+    table, clusters = _clustered_table()
+    embedding = torch.nn.Embedding(VOCAB, HIDDEN)
+    target = float(embedding.weight.detach().norm(dim=1).mean())
+    torch.manual_seed(0)
+    mlp = build_projector("mlp", table, embedding)
+    scaled = build_projector("scaled", table, embedding)
+    with torch.no_grad():
+        _, mlp_across = _cosines(mlp(table), clusters)
+        scaled_out = scaled(table)
+    _, raw_across = _cosines(table, clusters)
+    scaled_within, scaled_across = _cosines(scaled_out, clusters)
+    assert mlp_across > raw_across + 0.4  # unrelated items end up nearly parallel
+    assert scaled_across < raw_across + 0.25 and scaled_within > scaled_across + 0.4
+    assert torch.allclose(scaled_out.norm(dim=1), torch.full((len(table),), target), rtol=1e-4)
+
+
+def test_scaled_projector_standardisation_is_saved_and_blind_to_row_order() -> None:
+    """The shuffled-CRM probe permutes the table's rows: the standardisation must not change with it, and a
+    reloaded projector must use the statistics it trained with, not the table it is handed."""
+    table, _ = _clustered_table()
+    embedding = torch.nn.Embedding(VOCAB, HIDDEN)
+    torch.manual_seed(0)
+    projector = build_projector("scaled", table, embedding)
+    permuted = build_projector("scaled", table[torch.randperm(len(table))], embedding)
+    assert torch.allclose(projector.standardise.mean, permuted.standardise.mean, atol=1e-6)
+    assert torch.allclose(projector.standardise.std, permuted.standardise.std)
+    reloaded = build_projector("scaled", 5 * table + 1, embedding)
+    reloaded.load_state_dict(projector.state_dict())
+    with torch.no_grad():
+        assert torch.equal(reloaded(table), projector(table))
+
+
+def test_vocab_projector_mixes_real_tokens_and_shares_them_within_a_cluster() -> None:
+    table, clusters = _clustered_table()
+    anchors = torch.randn(12, HIDDEN)
+    torch.manual_seed(0)
+    projector = VocabProjector(table, anchors, sharpness=4.0)
+    with torch.no_grad():
+        weights = torch.softmax(projector.logits(projector.standardise(table)), dim=-1)
+        out = projector(table)
+    assert torch.allclose(weights.sum(-1), torch.ones(len(table)))
+    assert torch.allclose(out, weights @ anchors, atol=1e-5)
+    top = weights.argmax(-1)
+    same = clusters[:, None] == clusters[None, :]
+    agree = top[:, None] == top[None, :]
+    off = ~torch.eye(len(table), dtype=torch.bool)
+    assert agree[same & off].float().mean() > agree[~same].float().mean() + 0.3
+
+
+class _WordTokenizer:
+    """A vocabulary of words, fragments and specials, decoded as a byte-level BPE tokenizer decodes them."""
+
+    pieces = [" " + w for w in ("music", "river", "stone", "light", "garden", "window")] + [
+        "ab",
+        " x",
+        "<s>",
+        "!!",
+    ]
+    all_special_ids = [8]
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_anchor_tokens_are_seeded_words() -> None:
+    tokenizer = _WordTokenizer()
+    chosen = anchor_token_ids(tokenizer, k=4, seed=0)
+    assert chosen == sorted(chosen) and len(set(chosen)) == 4 and set(chosen) <= set(range(6))
+    assert anchor_token_ids(tokenizer, k=4, seed=0) == chosen
+    assert set(anchor_token_ids(tokenizer, k=8)) <= set(range(10)) - {8}  # too few words: any non-special id
+    with pytest.raises(ValueError, match="fewer than k"):
+        anchor_token_ids(tokenizer, k=10)
+    with pytest.raises(ValueError, match="unknown projector"):
+        build_projector("linear", torch.zeros(3, 2), torch.nn.Embedding(4, 2))
+
+
+def test_hybrid_schedule_uses_hybrid_prompts_from_the_first_step() -> None:
+    schedule = HybridSchedule(total_steps=10, seed=0)
+    assert all(schedule.use_hybrid(step, sub) for step in range(12) for sub in range(3))
+    assert schedule.probability(0) == 1.0

@@ -770,3 +770,31 @@ def test_the_shuffled_crm_probe_changes_what_the_crm_feeds(
     capsys.readouterr()
     assert main(["eval", str(workdir / "runs" / crm_run.name), "--shuffle-crm"]) == 2
     assert "--shuffle-crm apply to LLM runs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("projector", ["scaled", "vocab"])
+def test_projector_kinds_train_reload_and_feel_the_shuffled_probe(
+    workdir: Path, monkeypatch, projector: str
+) -> None:
+    """``llm.projector`` scaled / vocab: the saved projector (with its standardisation and anchors) reproduces
+    the trained run's scores bit for bit, ``AnswerNLL`` is the target's per-token NLL, and the shuffled-CRM
+    probe reaches the model. ``llm.curriculum=hybrid`` trains every step on hybrid prompts."""
+    recorded = _record_raw_scores(monkeypatch)
+    crm_run = _train_tiny_sasrec(workdir, f"sasrec-projector-{projector}")
+    run = f"llara-projector-{projector}"
+    extra = [f"llm.crm_run={crm_run}", "llm.precision=no", "llm.train_samples=8", "llm.epochs=1"]
+    extra += ["llm.eval_samples=12", "llm.eval_modes=[score]", "llm.checkpoint_every=50"]
+    extra += [f"llm.projector={projector}", "llm.curriculum=hybrid"]
+    assert main(_args(workdir, "llara", run, *extra)) == 0
+    run_dir = workdir / "runs" / run
+    trained = np.concatenate(recorded)
+    assert all(float(row["train/p_hybrid"]) == 1.0 for row in _log(run_dir))
+    test = _metrics(run_dir)["test"]
+    assert test["AnswerNLL"]["value"] > 0
+    scores = {}
+    for flags in ((), ("--shuffle-crm",)):
+        recorded.clear()
+        assert main(["eval", str(run_dir), "--json", *flags]) == 0
+        scores[flags] = np.concatenate(recorded)
+    np.testing.assert_array_equal(trained, scores[()])
+    assert not np.array_equal(scores[()], scores[("--shuffle-crm",)])

@@ -55,7 +55,9 @@ def evaluate_llm(
     """Metrics per ranking mode (next-item) or ``{"ctr": ...}`` (AUC, LogLoss, Accuracy), on ``rows`` of the part.
 
     Next-item: HR@K, NDCG@K and MRR from each mode's :class:`~recadapt.llm.ranking.Ranking` (for ``generate`` and
-    ``constrained`` a top-1 only, so HR@K = HR@1), and ValidRatio with its CI. Prompts use the evaluation template,
+    ``constrained`` a top-1 only, so HR@K = HR@1), and ValidRatio with its CI; ``score`` also reports
+    AnswerNLL, the target's negative log-likelihood per answer token (the probe of whether an input is used
+    reads it beside HR@1). Prompts use the evaluation template,
     hybrid when ``embedder`` is given, and the same history truncation as in training. Every forward (the
     projection of CRM items, the adapter, the backbone) runs under ``autocast``, as in training; the caller passes
     modules without accelerate's wrappers (:func:`_unwrapped`), so a trained and a reloaded run score alike.
@@ -131,6 +133,9 @@ def evaluate_llm(
         report = ranking_report(ranks, users, ks=ks, n_boot=n_boot, seed=seed)
         if mode != "score":
             report = {"HR@1": report["HR@1"]}
+        else:  # score mode's scores are log-likelihoods per answer token: the target's is the trained loss
+            target_scores = np.concatenate(scores[mode])[np.arange(len(rows)), target_index]
+            report["AnswerNLL"] = mean_with_ci(-target_scores, users, n_boot, seed)
         report["ValidRatio"] = mean_with_ci(
             np.concatenate(valid[mode]).astype(np.float64), users, n_boot, seed
         )

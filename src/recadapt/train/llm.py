@@ -41,7 +41,7 @@ from recadapt.data.store import ensure_prepared
 from recadapt.errors import ConfigError
 from recadapt.io import atomic_directory, write_json_atomic
 from recadapt.llm.encoding import ItemTokenizer
-from recadapt.llm.injection import ItemEmbedder, ItemProjector
+from recadapt.llm.injection import ItemEmbedder, build_projector
 from recadapt.llm.samples import PromptFactory, item_titles, resolve_domain
 from recadapt.methods.registry import method
 from recadapt.tasks.evaluate import evaluation_rows
@@ -235,11 +235,7 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
     encoder = ItemTokenizer(backbone.tokenizer, model=backbone.model)
     item_vectors = _retrieval_vectors(config, backbone, prepared, progress and main)
     item_table, cond_source = _collaborative_inputs(config, prepared, accelerator.device)
-    projector = (
-        ItemProjector(item_table.shape[1], backbone.hidden_size).to(accelerator.device)
-        if item_table is not None
-        else None
-    )
+    projector = _projector(llm, item_table, backbone, accelerator.device)
 
     started = time.time()
     train_factory = PromptFactory(prepared, "train", domain, tc.max_len, llm.item_tags)
@@ -360,6 +356,17 @@ def _collaborative_inputs(
                 item_map=item_map,
             )
     return item_table, cond_source
+
+
+def _projector(
+    llm: LLMConfig, item_table: Tensor | None, backbone: Any, device: torch.device
+) -> nn.Module | None:
+    """The ``llm.projector`` for a hybrid method's item table (None without one), built before any adapter so
+    the ``vocab`` kind reads the backbone's own token embeddings."""
+    if item_table is None:
+        return None
+    embedding = backbone.model.get_input_embeddings()
+    return build_projector(llm.projector, item_table, embedding, backbone.tokenizer).to(device)
 
 
 def _retrieval_vectors(
@@ -489,9 +496,7 @@ def evaluate_llm_run(
     item_table, cond_source = _collaborative_inputs(
         config, prepared, accelerator.device, shuffle_crm=shuffle_crm
     )
-    projector = None
-    if item_table is not None:
-        projector = ItemProjector(item_table.shape[1], backbone.hidden_size).to(accelerator.device)
+    projector = _projector(llm, item_table, backbone, accelerator.device)
     if spec.trains:
         adapted = attach_adapter(backbone.model, llm, cond_source.dim if cond_source else 0)
         load_weights(final, adapted, projector)

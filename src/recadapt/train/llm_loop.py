@@ -35,7 +35,7 @@ from recadapt.data.samplers import PlannedBatches, collate_indices, length_bucke
 from recadapt.errors import NonFiniteLossError
 from recadapt.io import atomic_directory
 from recadapt.llm.encoding import IGNORE_INDEX, EncodedBatch, ItemTokenizer
-from recadapt.llm.injection import CurriculumSchedule, ItemEmbedder
+from recadapt.llm.injection import CurriculumSchedule, HybridSchedule, ItemEmbedder
 from recadapt.llm.samples import PromptDataset, PromptFactory, SampleKey, conditioning_inputs
 from recadapt.progress import progress_bar
 from recadapt.train.config import LLMConfig, RunConfig
@@ -250,7 +250,8 @@ def train_loop(
         if item_table is not None and projector is not None
         else None
     )
-    curriculum = CurriculumSchedule(total_steps, seed=seed) if embedder is not None else None
+    schedule = HybridSchedule if llm.curriculum == "hybrid" else CurriculumSchedule
+    curriculum = schedule(total_steps, seed=seed) if embedder is not None else None
     trainable = [p for group in groups for p in group["params"]]
     bar = progress_bar(
         total=total_steps,

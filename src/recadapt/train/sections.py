@@ -19,6 +19,8 @@ from recadapt.methods.registry import PROTOCOLS
 HISTORY_VIEWS = ("recent", "retrieved", "mixed", "both")
 COND_SOURCES = ("crm", "random")
 RANKING_MODES = ("generate", "constrained", "score")  # as recadapt.llm.ranking (not imported: it needs torch)
+PROJECTORS = ("mlp", "scaled", "vocab")  # as recadapt.llm.injection.PROJECTORS
+CURRICULA = ("linear", "hybrid")
 PRECISIONS = ("auto", "bf16", "fp16", "no")
 RECBOLE_PREFIX = "recbole:"  # as recadapt.data.registry (not imported: it loads the readers)
 _RANKING_MONITORS = ("HR@{k}", "NDCG@{k}")
@@ -134,6 +136,13 @@ class LLMConfig:
     lora_target_modules: list[str] = field(default_factory=_default_lora_targets)
     lr: float = 5e-4  # LoRA parameters
     projector_lr: float | None = None  # LLaRA's projector; None: lr
+    # how CRM item embeddings become input embeddings (recadapt.llm.injection): mlp = LLaRA's two-layer MLP;
+    # scaled = the same MLP on standardised embeddings, its outputs at the token embeddings' norm; vocab = a
+    # softmax mixture of the LLM's own token embeddings
+    projector: str = "mlp"
+    # LLaRA's curriculum: linear = p(hybrid prompt) rises from 0 to 1 over training (the paper's);
+    # hybrid = hybrid prompts from the first step
+    curriculum: str = "linear"
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05  # linear warm-up over this share of the steps, then cosine decay to 0
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
@@ -203,6 +212,14 @@ class LLMConfig:
         if self.history not in HISTORY_VIEWS:
             raise ConfigError(
                 "config", "llm.history", f"must be one of {HISTORY_VIEWS}, got {self.history!r}"
+            )
+        if self.projector not in PROJECTORS:
+            raise ConfigError(
+                "config", "llm.projector", f"must be one of {PROJECTORS}, got {self.projector!r}"
+            )
+        if self.curriculum not in CURRICULA:
+            raise ConfigError(
+                "config", "llm.curriculum", f"must be one of {CURRICULA}, got {self.curriculum!r}"
             )
         if self.item_tags < 0:
             raise ConfigError("config", "llm.item_tags", f"must be >= 0, got {self.item_tags}")

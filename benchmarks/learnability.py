@@ -1,0 +1,344 @@
+"""The learnability suite: does each method learn the signal a synthetic dataset puts where it claims to look?
+
+Every synthetic variant (:mod:`recadapt.data.synth`) hides one user taste in one place: ``text`` in the titles,
+``cf`` only in co-occurrence, ``long`` only in the history older than the prompt, ``ctr`` in Yes/No labels that
+only co-occurrence explains. This script writes the datasets, trains SASRec on each, trains the chosen LLM rows at
+one fixed CPU budget, and then runs the **shuffled-CRM probe** on every method that reads a CRM: the same trained
+run evaluated with item ids permuted on the CRM's side (``recadapt eval RUN --shuffle-crm``). A method that uses
+its collaborative input must get worse under the probe; one that scores the same ignores it.
+
+Resumable: every dataset, run and probe is a file under ``--out``; run the same command again and it continues
+(a finished run or probe is read back, not recomputed). Prints one table and writes it as ``.md``/``.csv`` and a
+plot under ``--out`` (``--doc PREFIX`` copies them to e.g. ``docs/results/learnability``)::
+
+    .venv/bin/python benchmarks/learnability.py --list
+    .venv/bin/python benchmarks/learnability.py --rows 'cf/*'          # the rows of one variant
+    .venv/bin/python benchmarks/learnability.py --rows cf/llara cf/llara+scaled --doc docs/results/learnability
+
+Budget (the default, ~7 minutes a next-item LLM row on 2 CPU cores): 256 training samples, 32 optimizer steps of
+8 samples (one epoch), SmolLM2-135M; evaluation on the 100 test users of the 1,000-user datasets, score mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+CHANCE = {"next-item": 1 / 20, "ctr": 0.5}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One trained run of the suite: ``variant/label``, the method's config and overrides on top of the budget."""
+
+    variant: str
+    label: str
+    method: str
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.variant}/{self.label}"
+
+    @property
+    def protocol(self) -> str:
+        return "ctr" if self.variant == "ctr" else "next-item"
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.label.replace('+', '-')}-{self.variant}"
+
+
+# recadapt's improved injection, measured against the papers' recipe in the same rows (docs/results/learnability.md)
+SCALED = ("llm.projector=scaled",)
+NEXT_ITEM = {
+    "zero-shot": ("zero-shot", ()),
+    "tallrec": ("tallrec", ()),
+    "llara": ("llara", ()),
+    "llara+scaled": ("llara", SCALED),
+    "llara+vocab": ("llara", ("llm.projector=vocab",)),
+    "llara+scaled+hybrid": ("llara", (*SCALED, "llm.curriculum=hybrid")),
+    "ilora": ("ilora", ()),
+    "ilora+scaled": ("ilora", SCALED),
+    "rellax": ("rellax", ("llm.history=recent", "llm.eval_samples=0")),
+    "rellax+scaled": ("rellax", ("llm.history=recent", "llm.eval_samples=0", *SCALED)),
+    "reclora": ("reclora", ("llm.eval_samples=0",)),
+}
+CTR = {
+    "zero-shot": ("zero-shot", ()),
+    "tallrec": ("tallrec", ()),
+    "ilora+scaled": ("ilora", SCALED),
+    "reclora": ("reclora", ("llm.eval_samples=0",)),
+    "rellax+scaled": ("rellax", ("llm.history=recent", "llm.eval_samples=0", *SCALED)),
+}
+ROWS: tuple[Row, ...] = (
+    *(Row(v, label, m, o) for v in ("text", "cf") for label, (m, o) in NEXT_ITEM.items()),
+    *(Row("long", label, *NEXT_ITEM[label]) for label in ("tallrec", "llara+scaled", "reclora")),
+    *(Row("ctr", label, m, o) for label, (m, o) in CTR.items()),
+)
+
+
+def budget(row: Row, samples: int, steps: int) -> tuple[str, ...]:
+    """The fixed CPU budget every trained row gets: ``samples`` training samples, ``steps`` optimizer steps of
+    8 samples, score-mode evaluation; ``llm.crm_run`` is filled in by the caller."""
+    common = (
+        f"llm.train_samples={samples}",
+        f"llm.max_steps={steps}",
+        "llm.batch_size=4",
+        "llm.grad_accum=2",
+        "llm.checkpoint_every=8",
+        "llm.eval_modes=[score]",
+    )
+    return () if row.method == "zero-shot" else common
+
+
+def run(command: list[str], log: Path) -> None:
+    """Run a recadapt command, its output appended to ``log``; a failure stops the suite naming the log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a", encoding="utf-8") as out:
+        out.write(f"$ {' '.join(command)}\n")
+        out.flush()
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    if done.returncode:
+        raise SystemExit(f"failed (exit {done.returncode}): {' '.join(command)}; see {log}")
+
+
+def recadapt(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from recadapt.cli import main; main()", "--quiet", *args]
+
+
+def dataset(out: Path, variant: str) -> str:
+    folder = out / "data" / f"synth-{variant}-s0"
+    if not (folder / f"synth-{variant}-s0.inter").exists():
+        run(
+            recadapt("data", "synth", "--variant", variant, "--out", str(out / "data")),
+            out / "logs" / "data.log",
+        )
+    return f"recbole:{folder / f'synth-{variant}-s0'}"
+
+
+def common_args(out: Path) -> tuple[str, ...]:
+    return (f"output_dir={out / 'runs'}", f"data.prepared_dir={out / 'prepared'}")
+
+
+def sasrec(out: Path, variant: str) -> Path:
+    """SASRec on the variant (the CRM every LLM row reads, and the reference row)."""
+    protocol = "ctr" if variant == "ctr" else "next-item"
+    run_dir = out / "runs" / f"sasrec-{variant}"
+    if not (run_dir / "metrics.json").exists():
+        config = "sasrec.yaml"
+        run(
+            recadapt(
+                "train", "--config", str(REPO / "configs" / config), "--dataset", dataset(out, variant),
+                "--protocol", protocol, *common_args(out), f"name=sasrec-{variant}",
+            ),
+            out / "logs" / f"sasrec-{variant}.log",
+        )  # fmt: skip
+    return run_dir
+
+
+def train_row(out: Path, row: Row, samples: int, steps: int) -> Path:
+    run_dir = out / "runs" / row.run_name
+    if not (run_dir / "metrics.json").exists():
+        crm = sasrec(out, row.variant)
+        overrides = (*budget(row, samples, steps), *row.overrides)
+        if row.method != "zero-shot" and row.method != "tallrec":
+            overrides = (f"llm.crm_run={crm}", *overrides)
+        started = time.time()
+        run(
+            recadapt(
+                "train", "--config", str(REPO / "configs" / f"{row.method}.yaml"),
+                "--dataset", dataset(out, row.variant), "--protocol", row.protocol,
+                *common_args(out), f"name={row.run_name}", *overrides,
+            ),
+            out / "logs" / f"{row.run_name}.log",
+        )  # fmt: skip
+        print(f"{row.key}: trained in {(time.time() - started) / 60:.1f} min", flush=True)
+    return run_dir
+
+
+def uses_crm(run_dir: Path) -> bool:
+    from recadapt.train.config import load_config
+
+    llm = load_config(run_dir / "config.yaml").llm
+    return bool(llm and llm.crm_run)
+
+
+def probe(run_dir: Path) -> dict[str, Any] | None:
+    """The shuffled-CRM evaluation of a run that reads a CRM, kept in ``RUN/probe-shuffled.json``."""
+    path = run_dir / "probe-shuffled.json"
+    if not uses_crm(run_dir):
+        return None
+    if not path.exists():
+        from recadapt.io import write_json_atomic
+        from recadapt.train.llm import evaluate_llm_run
+
+        reports = evaluate_llm_run(run_dir, modes=["score"], progress=False, shuffle_crm=True)
+        report = next(iter(reports.values()))
+        write_json_atomic(path, {k: v.to_dict() for k, v in report.items()})
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def headline(protocol: str) -> tuple[str, str]:
+    """(metric, loss) of a protocol: HR@1 and the answer NLL per token, or AUC and LogLoss."""
+    return ("AUC", "LogLoss") if protocol == "ctr" else ("HR@1", "AnswerNLL")
+
+
+def fmt(entry: dict[str, Any] | None, digits: int = 3) -> str:
+    if not entry or entry.get("value") is None:
+        return "-"
+    v, lo, hi = entry["value"], entry.get("low"), entry.get("high")
+    if lo is None or hi is None:
+        return f"{v:.{digits}f}"
+    return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def table_row(out: Path, row: Row) -> dict[str, Any]:
+    run_dir = out / "runs" / row.run_name
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    crm = json.loads((out / "runs" / f"sasrec-{row.variant}" / "metrics.json").read_text(encoding="utf-8"))
+    metric, loss = headline(row.protocol)
+    test = metrics["test"]
+    shuffled = probe(run_dir)
+    return {
+        "row": row.key,
+        "method": row.method,
+        "variant": row.variant,
+        "samples": metrics.get("train_samples", 0),
+        "steps": metrics.get("optimizer_steps", 0),
+        "minutes": round(metrics.get("train_seconds", 0.0) / 60, 1),
+        "metric": metric,
+        "value": test.get(metric, {}).get("value"),
+        "result": fmt(test.get(metric)),
+        "sasrec": fmt(crm["test"].get(metric)),
+        "chance": CHANCE[row.protocol],
+        "shuffled": fmt(shuffled.get(metric)) if shuffled else "n/a (no CRM input)",
+        "shuffled_value": shuffled.get(metric, {}).get("value") if shuffled else None,
+        "loss": fmt(test.get(loss)),
+        "loss_shuffled": fmt(shuffled.get(loss)) if shuffled else "-",
+        "precision": metrics.get("precision", ""),
+    }
+
+
+COLUMNS = (
+    ("row", "row"),
+    ("samples", "samples"),
+    ("steps", "steps"),
+    ("minutes", "train min"),
+    ("metric", "metric"),
+    ("result", "result [95% CI]"),
+    ("shuffled", "shuffled CRM"),
+    ("loss", "loss (NLL/token or LogLoss)"),
+    ("loss_shuffled", "loss, shuffled CRM"),
+    ("sasrec", "SASRec"),
+    ("chance", "chance"),
+)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(r[key]) for key, _ in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Each row's metric (bar) beside its shuffled-CRM value (hatched) and chance (line), one panel per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, axes = plt.subplots(
+        1, len(variants), figsize=(4 + 2.2 * len(rows) / max(len(variants), 1), 4), squeeze=False
+    )
+    for ax, variant in zip(axes[0], variants, strict=True):
+        mine = [r for r in rows if r["variant"] == variant]
+        xs = range(len(mine))
+        ax.bar([x - 0.2 for x in xs], [r["value"] or 0 for r in mine], 0.4, label="trained")
+        ax.bar(
+            [x + 0.2 for x in xs],
+            [r["shuffled_value"] or 0 for r in mine],
+            0.4,
+            hatch="//",
+            label="shuffled CRM",
+        )
+        ax.axhline(mine[0]["chance"], color="grey", linestyle="--", label="chance")
+        ax.set_xticks(list(xs), [r["row"].split("/", 1)[1] for r in mine], rotation=40, ha="right")
+        ax.set_title(f"{variant} ({mine[0]['metric']})")
+        ax.set_ylim(0, 1)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+def write(rows: list[dict[str, Any]], prefix: Path) -> None:
+    from recadapt.io import write_text_atomic
+
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(prefix.with_suffix(".md"), markdown(rows))
+    with open(prefix.with_suffix(".csv.tmp"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(prefix.with_suffix(".csv.tmp"), prefix.with_suffix(".csv"))
+    plot(rows, prefix.with_suffix(".png"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "learnability")
+    parser.add_argument(
+        "--rows", nargs="+", default=["*"], help="row keys or globs (variant/label); see --list"
+    )
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--doc", type=Path, help="also write the table, CSV and plot to this prefix")
+    parser.add_argument("--list", action="store_true", help="print the rows and exit")
+    parser.add_argument("--table-only", action="store_true", help="tabulate the rows already trained")
+    args = parser.parse_args()
+    chosen = [r for r in ROWS if any(fnmatch.fnmatchcase(r.key, pattern) for pattern in args.rows)]
+    if args.list or not chosen:
+        for r in ROWS:
+            print(f"{r.key:28s} {r.method:10s} {' '.join(r.overrides)}")
+        if not chosen:
+            raise SystemExit(f"no row matches {args.rows}")
+        return
+    args.out = args.out.resolve()
+    results = []
+    for row in chosen:
+        run_dir = args.out / "runs" / row.run_name
+        if args.table_only and not (run_dir / "metrics.json").exists():
+            continue
+        train_row(args.out, row, args.samples, args.steps)
+        results.append(table_row(args.out, row))
+        print(
+            f"{row.key}: {results[-1]['metric']} {results[-1]['result']}, shuffled {results[-1]['shuffled']}",
+            flush=True,
+        )
+    if not results:
+        raise SystemExit("nothing trained yet among the chosen rows")
+    print(markdown(results), end="")
+    write(results, args.out / "learnability")
+    if args.doc:
+        write(results, args.doc)
+        print(f"wrote {args.doc}.md, .csv, .png")
+
+
+if __name__ == "__main__":
+    main()
