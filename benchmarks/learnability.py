@@ -114,7 +114,14 @@ def run(command: list[str], log: Path) -> None:
 
 
 def recadapt(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from recadapt.cli import main; main()", "--quiet", *args]
+    """The CLI in this interpreter; ``sys.exit(main())`` so a refused command's exit status reaches ``run``."""
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from recadapt.cli import main; sys.exit(main())",
+        "--quiet",
+        *args,
+    ]
 
 
 def dataset(out: Path, variant: str) -> str:
