@@ -68,6 +68,12 @@ NEXT_ITEM = {
     "llara+scaled": ("llara", SCALED),
     "llara+vocab": ("llara", ("llm.projector=vocab",)),
     "llara+scaled+hybrid": ("llara", (*SCALED, "llm.curriculum=hybrid")),
+    "llara+scaled+hybrid+before": ("llara", (*SCALED, "llm.curriculum=hybrid", "llm.item_placement=before")),
+    "llara+scaled+hybrid+listwise": ("llara", (*SCALED, "llm.curriculum=hybrid", "llm.objective=both")),
+    "llara+scaled+hybrid+before+listwise": (
+        "llara",
+        (*SCALED, "llm.curriculum=hybrid", "llm.item_placement=before", "llm.objective=both"),
+    ),
     "ilora": ("ilora", ()),
     "ilora+scaled": ("ilora", SCALED),
     "rellax": ("rellax", ("llm.history=recent", "llm.eval_samples=0")),

@@ -167,6 +167,32 @@ def test_hybrid_prompt_marks_every_item_and_lists_ids_in_text_order() -> None:
     assert reordered.item_ids == (9, 2, 4, 7, 1)
 
 
+def test_placeholders_can_precede_their_titles() -> None:
+    """``placement="before"`` writes ``<|item|> Title`` (the title's first token right after the CRM vector),
+    with the same ids in the same order; the text form is unchanged."""
+    after = hybrid_prompt()
+    before = build_next_item_prompt(
+        HISTORY,
+        CANDIDATES,
+        "movie",
+        0,
+        True,
+        history_ids=HISTORY_IDS,
+        candidate_ids=CANDIDATE_IDS,
+        placement="before",
+    )
+    assert f"{ITEM_TOKEN} Heat (1995), {ITEM_TOKEN} Fargo (1996), {ITEM_TOKEN} Alien (1979)" in before.text
+    assert before.item_ids == after.item_ids and before.text.count(ITEM_TOKEN) == 5
+    ctr = build_ctr_prompt(
+        ["Heat"], "Babe", "movie", hybrid=True, history_ids=[3], target_id=8, placement="before"
+    )
+    assert f"1. {ITEM_TOKEN} Heat" in ctr.text and f"***{ITEM_TOKEN} Babe***" in ctr.text
+    text_only = build_next_item_prompt(HISTORY, CANDIDATES, "movie", 0, placement="before")
+    assert text_only == build_next_item_prompt(HISTORY, CANDIDATES, "movie", 0)
+    with pytest.raises(ValueError, match="placement must be one of"):
+        build_next_item_prompt(HISTORY, CANDIDATES, "movie", 0, placement="inside")
+
+
 def test_prompt_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="needs the history item ids"):
         build_next_item_prompt(HISTORY, CANDIDATES, "movie", 0, hybrid=True, candidate_ids=CANDIDATE_IDS)

@@ -31,7 +31,8 @@ from recadapt.llm.decoding import (
     match_candidates,
 )
 from recadapt.llm.ranking import rank_candidates, yes_probability
-from recadapt.llm.scoring import packs_by_default, score_candidates
+from recadapt.llm.scoring import candidate_log_likelihoods, packs_by_default, score_candidates
+from recadapt.llm.session import _candidate_tensor
 from recadapt.tasks.metrics import target_ranks
 
 VOCAB = 100
@@ -193,6 +194,43 @@ def test_score_with_embedding_prompts_and_a_mixed_batch(model: LlamaForCausalLM,
     expected = _naive_scores(model, prompts, candidates, [10])
     got = score_candidates(model, prompts, candidates, answer_suffix_ids=[10], batch_size=3, packed=packed)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_candidate_likelihoods_carry_the_gradient_of_a_per_candidate_reference(packed: bool) -> None:
+    """The listwise objective trains through candidate_log_likelihoods: with gradients on it gives the score
+    mode's values (summed) and the same gradient, w.r.t. weights and embedded prompts, as naive forwards."""
+    model = _tiny_llama()
+    prompts = [p.requires_grad_() for p in _embed_prompts([6, 9], seed=6)]
+    candidates = _random_candidates(2, 4, seed=7)
+    tokens, lengths = _candidate_tensor(candidates, ())
+    target = torch.tensor([1, 3])
+
+    def listwise(scores: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(scores, target)
+
+    got = candidate_log_likelihoods(model, prompts, tokens, packed=packed)
+    listwise(got / lengths).backward()
+    got_grads = [model.lm_head.weight.grad.clone(), *(p.grad.clone() for p in prompts)]
+    model.zero_grad()
+    for p in prompts:
+        p.grad = None
+    rows = []
+    for b, prompt in enumerate(prompts):
+        row = []
+        for cand in candidates[b]:
+            cont = torch.tensor(cand)
+            embeds = torch.cat([prompt, model.get_input_embeddings()(cont)])
+            log_probs = model(inputs_embeds=embeds[None]).logits[0].log_softmax(-1)
+            start = len(prompt) - 1
+            row.append(sum(log_probs[start + j, t] for j, t in enumerate(cand)))
+        rows.append(torch.stack(row))
+    naive = torch.stack(rows)
+    listwise(naive / lengths).backward()
+    torch.testing.assert_close(got.detach(), naive.detach(), atol=ATOL, rtol=0)
+    want_grads = [model.lm_head.weight.grad, *(p.grad for p in prompts)]
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert float(got_grads[0].abs().sum()) > 0
 
 
 def test_score_packs_by_default_only_on_a_cpu_under_a_4d_mask_kernel() -> None:

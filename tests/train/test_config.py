@@ -285,11 +285,22 @@ def test_model_options_name_field_and_line(tmp_path: Path):
     assert model_options(load_config(None, ["model.hidden_size=32.0"]), SASRecConfig) == {"hidden_size": 32}
 
 
-def test_projector_and_curriculum_are_checked_and_name_the_field():
+def test_projector_curriculum_objective_and_placement_are_checked_and_name_the_field():
     root = Path(__file__).resolve().parents[2] / "configs"
     with pytest.raises(ConfigError, match=r"<command line>: field 'llm\.projector' must be one of"):
         load_config(root / "llara.yaml", ["llm.projector=linear"])
     with pytest.raises(ConfigError, match=r"<command line>: field 'llm\.curriculum' must be one of"):
         load_config(root / "llara.yaml", ["llm.curriculum=cosine"])
-    config = load_config(root / "llara.yaml", ["llm.projector=scaled", "llm.curriculum=hybrid"])
+    with pytest.raises(ConfigError, match=r"<command line>: field 'llm\.objective' must be one of"):
+        load_config(root / "llara.yaml", ["llm.objective=pairwise"])
+    with pytest.raises(ConfigError, match=r"<command line>: field 'llm\.item_placement' must be one of"):
+        load_config(root / "llara.yaml", ["llm.item_placement=inside"])
+    overrides = [
+        "llm.projector=scaled",
+        "llm.curriculum=hybrid",
+        "llm.objective=both",
+        "llm.item_placement=before",
+    ]
+    config = load_config(root / "llara.yaml", overrides)
     assert (config.llm.projector, config.llm.curriculum) == ("scaled", "hybrid")
+    assert (config.llm.objective, config.llm.item_placement) == ("both", "before")

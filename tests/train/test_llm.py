@@ -798,3 +798,59 @@ def test_projector_kinds_train_reload_and_feel_the_shuffled_probe(
         scores[flags] = np.concatenate(recorded)
     np.testing.assert_array_equal(trained, scores[()])
     assert not np.array_equal(scores[()], scores[("--shuffle-crm",)])
+
+
+def test_listwise_loss_is_the_cross_entropy_of_the_score_mode_scores(workdir: Path) -> None:
+    """``llm.objective=listwise`` trains on exactly what score mode ranks by: in eval mode its loss is the
+    cross-entropy of :func:`score_candidates`' scores with the target as the class; ``both`` adds the target's
+    mean NLL per token; the gradient reaches the model."""
+    from recadapt.data.store import ensure_prepared
+    from recadapt.llm.backbone import load_backbone
+    from recadapt.llm.encoding import ItemTokenizer
+    from recadapt.llm.samples import PromptDataset, PromptFactory, SampleKey
+    from recadapt.llm.scoring import score_candidates
+    from recadapt.tasks.llm import prompt_inputs
+    from recadapt.train.llm_loop import listwise_loss
+
+    prepared = ensure_prepared(f"recbole:{FIXTURE}", "next-item", out_root=workdir / "prepared")
+    backbone = load_backbone(str(workdir / "backbone"))
+    model = backbone.model.eval()
+    encoder = ItemTokenizer(backbone.tokenizer, model=model)
+    factory = PromptFactory(prepared, "train", "item", history_len=5)
+    samples = PromptDataset(factory, encoder, 1024)
+    records = samples.records([SampleKey(r) for r in (0, 3, 7)])
+    titles = [[factory.titles[i] for i in factory.candidates[r.key.row]] for r in records]
+    tokens = [[encoder.answer_token_ids(t) for t in row] for row in titles]
+    scores = score_candidates(model, prompt_inputs(samples.prompt_batch(records), None), tokens)
+    target = torch.tensor(
+        [titles[k].index(factory.titles[factory.targets[r.key.row]]) for k, r in enumerate(records)]
+    )
+    expected = torch.nn.functional.cross_entropy(scores, target)
+    losses = {
+        objective: listwise_loss(model, samples, records, None, encoder.answer_token_ids, objective=objective)
+        for objective in ("listwise", "both")
+    }
+    torch.testing.assert_close(losses["listwise"], expected, atol=1e-5, rtol=0)
+    generative = -scores.gather(1, target[:, None]).mean()
+    torch.testing.assert_close(losses["both"], expected + generative, atol=1e-5, rtol=0)
+    losses["listwise"].backward()
+    assert any(float(p.grad.abs().sum()) > 0 for p in model.parameters() if p.grad is not None)
+
+
+def test_llara_trains_with_the_listwise_objective_and_ctr_refuses_it(workdir: Path) -> None:
+    crm_run = _train_tiny_sasrec(workdir, "sasrec-listwise")
+    run = "llara-listwise"
+    extra = [f"llm.crm_run={crm_run}", "llm.train_samples=8", "llm.epochs=1", "llm.eval_samples=12"]
+    extra += ["llm.eval_modes=[score]", "llm.objective=both", "llm.item_placement=before"]
+    assert main(_args(workdir, "llara", run, *extra)) == 0
+    rows = _log(workdir / "runs" / run)
+    assert rows and all(np.isfinite(float(r["train/loss"])) for r in rows)
+    assert "HR@1" in _metrics(workdir / "runs" / run)["test"]
+    with pytest.raises(ConfigError, match="llm.objective"):
+        from recadapt.train.llm import train_llm
+
+        config = load_config(
+            REPO / "configs" / "tallrec.yaml",
+            [f"data.dataset=recbole:{FIXTURE}", "data.protocol=ctr", "llm.objective=listwise"],
+        )
+        train_llm(config)

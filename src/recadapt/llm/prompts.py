@@ -3,8 +3,9 @@
 Items appear in two forms (LLaRA):
 
 - text-only: ``Title`` (TALLRec, and the text branch of LLaRA's curriculum);
-- hybrid: ``Title <|item|>``, where the input embedding at the single special token :data:`ITEM_TOKEN` is later
-  replaced by ``Projector(CRM item embedding)`` (:mod:`recadapt.llm.injection`).
+- hybrid: ``Title <|item|>`` (or ``<|item|> Title``, ``llm.item_placement``), where the input embedding at the
+  single special token :data:`ITEM_TOKEN` is later replaced by ``Projector(CRM item embedding)``
+  (:mod:`recadapt.llm.injection`).
 
 Text-only prompts carry no placeholder at all. LLaRA's code keeps a frozen ``[PH]`` token there, whose embedding
 is an untrained row the model must learn to ignore; the paper and TALLRec describe the text form as the title
@@ -26,6 +27,9 @@ import numpy as np
 from recadapt.llm.prompt_templates import CtrTemplates, DomainTemplates, load_templates
 
 ITEM_TOKEN = "<|item|>"
+# where a hybrid item's placeholder goes: after its title (LLaRA's ``Title <|item|>``) or before it
+# (``<|item|> Title``: the title's first token then directly follows the CRM vector, as an induction copy needs)
+ITEM_PLACEMENTS = ("after", "before")
 EVAL_TEMPLATE_INDEX = 0  # LLaRA evaluates with the first template of a domain
 
 _FORMATTER = string.Formatter()
@@ -70,10 +74,12 @@ def build_next_item_prompt(
     *,
     history_ids: Sequence[int] | None = None,
     candidate_ids: Sequence[int] | None = None,
+    placement: str = "after",
 ) -> Prompt:
     """LLaRA's next-item prompt: history (oldest first) and candidates, each ``Title`` or, when ``hybrid``,
-    ``Title <|item|>``. Hybrid prompts need ``history_ids`` and ``candidate_ids`` (the item ids behind the titles);
-    the returned ``item_ids`` follow the placeholders in the text, whichever of history and candidates comes first.
+    ``Title <|item|>`` (``<|item|> Title`` with ``placement="before"``). Hybrid prompts need ``history_ids`` and
+    ``candidate_ids`` (the item ids behind the titles); the returned ``item_ids`` follow the placeholders in the
+    text, whichever of history and candidates comes first.
     """
     templates = load_templates(domain).next_item
     if not 0 <= template_index < len(templates.templates):
@@ -82,8 +88,10 @@ def build_next_item_prompt(
         )
     sep = templates.separator
     values = {
-        "history": _join(_item_pieces(history_titles, history_ids, hybrid, "history"), sep),
-        "candidates": _join(_item_pieces(candidate_titles, candidate_ids, hybrid, "candidate"), sep),
+        "history": _join(_item_pieces(history_titles, history_ids, hybrid, "history", placement), sep),
+        "candidates": _join(
+            _item_pieces(candidate_titles, candidate_ids, hybrid, "candidate", placement), sep
+        ),
         "n_candidates": (str(len(candidate_titles)), ()),
     }
     return Prompt(*_render(templates.templates[template_index], values))
@@ -99,13 +107,15 @@ def build_ctr_prompt(
     hybrid: bool = False,
     history_ids: Sequence[int] | None = None,
     target_id: int | None = None,
+    placement: str = "after",
 ) -> Prompt:
     """ReLLa's CTR prompt: the user's profile, the history (oldest first) with ratings where known, and the target.
 
     ``history_ratings`` may hold NaN or None for unknown ratings (CoLLM's ML-1M publishes none); items without one
     are written without stars. ``profile`` maps user attributes (a users-table row) to values; only attributes the
     template names are used, and missing ones (None, NaN) are left out. ``hybrid`` marks the history items and the
-    target with :data:`ITEM_TOKEN` (ReLLaX's soft prompts) and needs ``history_ids`` and ``target_id``.
+    target with :data:`ITEM_TOKEN` (ReLLaX's soft prompts, placed as in :func:`build_next_item_prompt`) and needs
+    ``history_ids`` and ``target_id``.
     """
     ctr = load_templates(domain).ctr
     if history_ratings is not None and len(history_ratings) != len(history_titles):
@@ -116,7 +126,8 @@ def build_ctr_prompt(
     ratings += [None] * (len(history_titles) - len(ratings))
     items: list[_Piece] = []
     for index, (piece, rating) in enumerate(
-        zip(_item_pieces(history_titles, history_ids, hybrid, "history"), ratings, strict=True), start=1
+        zip(_item_pieces(history_titles, history_ids, hybrid, "history", placement), ratings, strict=True),
+        start=1,
     ):
         fields = {"index": (str(index), ()), "title": piece}
         if rating is None:
@@ -129,7 +140,7 @@ def build_ctr_prompt(
         header = ctr.history_unrated if all(r is None for r in ratings) else ctr.history_rated
         history = _render(header, {"items": _join(items, ctr.separator)})
     ids = [target_id] if target_id is not None else None
-    (target,) = _item_pieces([target_title], ids, hybrid, "target")
+    (target,) = _item_pieces([target_title], ids, hybrid, "target", placement)
     values = {"profile": (_profile_text(ctr, profile), ()), "history": history, "target": target}
     return Prompt(*_render(ctr.prompt, values))
 
@@ -140,7 +151,11 @@ def ctr_answer(label: bool | int | float, domain: str | DomainTemplates) -> str:
     return ctr.answer_yes if bool(label) else ctr.answer_no
 
 
-def _item_pieces(titles: Sequence[str], ids: Sequence[int] | None, hybrid: bool, what: str) -> list[_Piece]:
+def _item_pieces(
+    titles: Sequence[str], ids: Sequence[int] | None, hybrid: bool, what: str, placement: str = "after"
+) -> list[_Piece]:
+    if placement not in ITEM_PLACEMENTS:
+        raise ValueError(f"placement must be one of {ITEM_PLACEMENTS}, got {placement!r}")
     if hybrid:
         if ids is None:
             raise ValueError(f"a hybrid prompt needs the {what} item ids")
@@ -151,7 +166,10 @@ def _item_pieces(titles: Sequence[str], ids: Sequence[int] | None, hybrid: bool,
             raise ValueError(f"{what} title {title!r} contains the placeholder token {ITEM_TOKEN}")
     if not hybrid or ids is None:
         return [(title, ()) for title in titles]
-    return [(f"{title} {ITEM_TOKEN}", (int(i),)) for title, i in zip(titles, ids, strict=True)]
+    form = "{title} {token}" if placement == "after" else "{token} {title}"
+    return [
+        (form.format(title=title, token=ITEM_TOKEN), (int(i),)) for title, i in zip(titles, ids, strict=True)
+    ]
 
 
 def _join(pieces: Sequence[_Piece], separator: str) -> _Piece:

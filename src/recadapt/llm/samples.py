@@ -52,7 +52,13 @@ class PromptFactory:
     """
 
     def __init__(
-        self, prepared: Prepared, part: str, domain: str, history_len: int, item_tags: int = 0
+        self,
+        prepared: Prepared,
+        part: str,
+        domain: str,
+        history_len: int,
+        item_tags: int = 0,
+        item_placement: str = "after",
     ) -> None:
         self.protocol, self.part = prepared.protocol, part
         if self.protocol not in ("next-item", "ctr"):
@@ -68,6 +74,7 @@ class PromptFactory:
                 describe_item(t, g[:item_tags], self.domain) for t, g in zip(self.titles, tags, strict=True)
             ]
         self.history_len = history_len
+        self.item_placement = item_placement  # hybrid prompts: the placeholder after or before each title
         self.n_templates = len(self.domain.next_item.templates)
         self.users = self.frame["user_id"].to_numpy(np.int64)
         self.targets = self.frame["target"].to_numpy(np.int64)
@@ -138,6 +145,7 @@ class PromptFactory:
                 hybrid,
                 history_ids=history.tolist(),
                 candidate_ids=candidates.tolist(),
+                placement=self.item_placement,
             )
         assert ratings is not None
         return build_ctr_prompt(
@@ -149,6 +157,7 @@ class PromptFactory:
             hybrid=hybrid,
             history_ids=history.tolist(),
             target_id=int(self.targets[row]),
+            placement=self.item_placement,
         )
 
     def answer(self, row: int) -> str:

@@ -68,8 +68,7 @@ def score_candidates(
         raise ValueError(f"normalise must be 'mean' or 'sum', got {normalise!r}")
     tensors = _as_prompts(model, prompts)
     tokens, lengths = _candidate_tensor(candidate_token_ids, answer_suffix_ids)
-    n_candidates, longest = tokens.shape[1], tokens.shape[2]
-    scores = torch.zeros(len(tensors), n_candidates, dtype=torch.float32)
+    scores = torch.zeros(len(tensors), tokens.shape[1], dtype=torch.float32)
     kernel = getattr(model.config, "_attn_implementation", None)
     if packed is None:
         packed = packs_by_default(kernel, model.device)
@@ -78,27 +77,49 @@ def score_candidates(
             f"packed=True needs an attention kernel that takes a 4-D mask {PACKED_ATTENTION}, got {kernel!r}"
         )
     for chunk in _chunks(len(tensors), batch_size):
-        session = _Session(model, cond)
-        last = session.prefill([tensors[i] for i in chunk], torch.tensor(list(chunk)))[:, -1].float()
-        chunk_tokens = tokens[list(chunk)].to(last.device)  # [b, C, L]
-        chunk_lengths = lengths[list(chunk)].to(last.device)
-        total = last.log_softmax(dim=-1).gather(1, chunk_tokens[:, :, 0])  # the first token, from the prompt
-        if longest > 1:
-            rows = len(chunk) * n_candidates
-            inputs = chunk_tokens[:, :, :-1]
-            targets = chunk_tokens[:, :, 1:].reshape(rows, longest - 1)
-            valid = targets >= 0  # position j is real and predicts a real token j + 1
-            if packed:
-                logits = session.extend_packed(inputs.clamp(min=0), valid.view(len(chunk), n_candidates, -1))
-                logits = logits.float().view(rows, longest - 1, -1)
-            else:
-                session.repeat(n_candidates)
-                inputs = inputs.reshape(rows, longest - 1).clamp(min=0)
-                logits = session.extend(inputs, valid, logits_to_keep=0).float()
-            picked = logits.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-            log_probs = (picked - logits.logsumexp(dim=-1)).masked_fill(~valid, 0.0)
-            total = total + log_probs.sum(dim=1).view(len(chunk), n_candidates)
+        chunk_cond = cond[list(chunk)] if cond is not None else None
+        total = candidate_log_likelihoods(
+            model, [tensors[i] for i in chunk], tokens[list(chunk)], cond=chunk_cond, packed=packed
+        )
         if normalise == "mean":
-            total = total / chunk_lengths
-        scores[list(chunk)] = total.cpu()
+            total = total / lengths[list(chunk)].to(total.device)
+        scores[list(chunk)] = total.float().cpu()
     return scores
+
+
+def candidate_log_likelihoods(
+    model: PreTrainedModel,
+    prompts: Sequence[torch.Tensor],
+    tokens: torch.Tensor,
+    *,
+    cond: torch.Tensor | None = None,
+    packed: bool = True,
+) -> torch.Tensor:
+    """The summed log-likelihood [b, C] (float32, on the model's device) of each candidate's tokens ``tokens``
+    [b, C, L] (padded with -1) after its prompt (ids [T] or embeddings [T, H]; ``cond`` [b, d] per prompt).
+
+    One prefill of the prompts, then every candidate in one forward, ``packed`` side by side under a 4-D mask
+    or on a copy of the prompt's cache each. Differentiable when gradients are enabled: the listwise objective
+    (``llm.objective``) trains through the same computation score mode ranks with.
+    """
+    n_prompts, n_candidates, longest = tokens.shape
+    session = _Session(model, cond)
+    last = session.prefill(list(prompts), torch.arange(n_prompts))[:, -1].float()
+    tokens = tokens.to(last.device)
+    total = last.log_softmax(dim=-1).gather(1, tokens[:, :, 0])  # the first token, from the prompt
+    if longest == 1:
+        return total
+    rows = n_prompts * n_candidates
+    inputs = tokens[:, :, :-1]
+    targets = tokens[:, :, 1:].reshape(rows, longest - 1)
+    valid = targets >= 0  # position j is real and predicts a real token j + 1
+    if packed:
+        logits = session.extend_packed(inputs.clamp(min=0), valid.view(n_prompts, n_candidates, -1))
+        logits = logits.float().view(rows, longest - 1, -1)
+    else:
+        session.repeat(n_candidates)
+        logits = session.extend(inputs.reshape(rows, longest - 1).clamp(min=0), valid, logits_to_keep=0)
+        logits = logits.float()
+    picked = logits.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    log_probs = (picked - logits.logsumexp(dim=-1)).masked_fill(~valid, 0.0)
+    return total + log_probs.sum(dim=1).view(n_prompts, n_candidates)

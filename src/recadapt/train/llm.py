@@ -101,6 +101,11 @@ def _check_config(config: RunConfig, llm: LLMConfig) -> None:
             "retrieval (SUBR) ranks history items by similarity to the target item, which only ctr gives; "
             "use llm.history=recent for next-item",
         )
+    if llm.objective != "generative" and protocol != "next-item":
+        raise config.error(
+            "llm.objective",
+            f"{llm.objective} ranks the 20 candidates of next-item; {protocol} trains generative",
+        )
     if llm.init_lora_from and llm.adapter not in ("cf-lora", "moe-lora"):
         raise config.error(
             "llm.init_lora_from",
@@ -238,7 +243,7 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
     projector = _projector(llm, item_table, backbone, accelerator.device)
 
     started = time.time()
-    train_factory = PromptFactory(prepared, "train", domain, tc.max_len, llm.item_tags)
+    train_factory = PromptFactory(prepared, "train", domain, tc.max_len, llm.item_tags, llm.item_placement)
     if item_vectors is not None:
         _set_retrieval(train_factory, item_vectors)
     subset = training_rows(prepared.parts["train"], data.protocol, llm.train_samples, data.split_seed)
@@ -419,7 +424,7 @@ def _evaluate_part(
         else None
     )
     domain = resolve_domain(config.data.dataset, llm.domain)
-    factory = PromptFactory(prepared, part, domain, config.train.max_len, llm.item_tags)
+    factory = PromptFactory(prepared, part, domain, config.train.max_len, llm.item_tags, llm.item_placement)
     if item_vectors is not None:  # ReLLa evaluates on the retrieved view (recent, mixed: trained on both)
         _set_retrieval(factory, item_vectors)
     rows = evaluation_rows(len(factory), llm.eval_samples, config.data.split_seed)

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,13 @@ from recadapt.errors import NonFiniteLossError
 from recadapt.io import atomic_directory
 from recadapt.llm.encoding import IGNORE_INDEX, EncodedBatch, ItemTokenizer
 from recadapt.llm.injection import CurriculumSchedule, HybridSchedule, ItemEmbedder
-from recadapt.llm.samples import PromptDataset, PromptFactory, SampleKey, conditioning_inputs
+from recadapt.llm.samples import (
+    PromptDataset,
+    PromptFactory,
+    SampleKey,
+    SampleRecord,
+    conditioning_inputs,
+)
 from recadapt.progress import progress_bar
 from recadapt.train.config import LLMConfig, RunConfig
 from recadapt.train.logger import RunLogger, truncate_log
@@ -157,6 +164,57 @@ def answer_loss(model: nn.Module, labels: Tensor, **inputs: Any) -> Tensor:
     return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets)
 
 
+def listwise_loss(
+    model: nn.Module,
+    samples: PromptDataset,
+    records: Sequence[SampleRecord],
+    embedder: ItemEmbedder | None,
+    candidate_ids: Callable[[str], list[int]],
+    cond: Tensor | None = None,
+    *,
+    objective: str = "listwise",
+) -> Tensor:
+    """``llm.objective`` listwise (or both): cross-entropy of a softmax over the candidates' mean log-likelihoods
+    per token, the scores score mode ranks by, with the target candidate as the class.
+
+    The generative loss only raises the target title's likelihood; nothing in it lowers the other candidates',
+    so a model can fit it while ranking at chance. Here every candidate is scored after the prompt in one
+    packed forward (:func:`recadapt.llm.scoring.candidate_log_likelihoods`, differentiable), so the gradient is
+    the one ranking needs. ``both`` adds the target's negative mean log-likelihood per token (the generative
+    loss, each sample weighted alike rather than each answer token) from the same forward.
+    """
+    from recadapt.llm.scoring import PACKED_ATTENTION, candidate_log_likelihoods
+    from recadapt.llm.session import _candidate_tensor
+
+    factory = samples.factory
+    device = next(model.parameters()).device
+    batch = samples.prompt_batch(records).to(device)
+    mask = batch.attention_mask.bool()
+    if embedder is not None and batch.item_ids.numel():
+        embeds = embedder(batch)
+        prompts = [embeds[r][mask[r]] for r in range(len(records))]
+    else:
+        prompts = [batch.input_ids[r][mask[r]] for r in range(len(records))]
+    candidates = [factory.candidates[r.key.row] for r in records]
+    targets = []
+    for record, row_candidates in zip(records, candidates, strict=True):
+        hits = np.flatnonzero(row_candidates == factory.targets[record.key.row])
+        if not len(hits):
+            raise ValueError(f"row {record.key.row}: its target is not among its candidates")
+        targets.append(int(hits[0]))
+    tokens, lengths = _candidate_tensor(
+        [[candidate_ids(factory.titles[int(i)]) for i in row] for row in candidates], ()
+    )
+    packed = getattr(model.config, "_attn_implementation", None) in PACKED_ATTENTION
+    totals = candidate_log_likelihoods(model, prompts, tokens, cond=cond, packed=packed)
+    scores = totals / lengths.to(totals.device)
+    target = torch.tensor(targets, device=scores.device)
+    loss = nn.functional.cross_entropy(scores, target)
+    if objective == "both":
+        loss = loss - scores.gather(1, target[:, None]).mean()
+    return loss
+
+
 def step_seed(seed: int, step: int, process: int) -> int:
     return int(np.random.default_rng([seed, step, process, STREAM_STEP]).integers(2**62))
 
@@ -253,6 +311,20 @@ def train_loop(
     schedule = HybridSchedule if llm.curriculum == "hybrid" else CurriculumSchedule
     curriculum = schedule(total_steps, seed=seed) if embedder is not None else None
     trainable = [p for group in groups for p in group["params"]]
+    if llm.objective != "generative" and accelerator.num_processes > 1:
+        raise ValueError(
+            f"llm.objective={llm.objective} runs in one process for now: its packed forward calls the model "
+            "without the distributed wrapper's gradient synchronisation"
+        )
+    answer_ids: dict[str, list[int]] = {}
+
+    def candidate_ids(
+        title: str,
+    ) -> list[int]:  # as evaluation scores them: the whole answer, end of turn too
+        if title not in answer_ids:
+            answer_ids[title] = encoder.answer_token_ids(title)
+        return answer_ids[title]
+
     bar = progress_bar(
         total=total_steps,
         initial=state.step,
@@ -287,7 +359,18 @@ def train_loop(
             batch = samples.training_batch(records).to(accelerator.device)
             with accelerator.accumulate(*([model] if projector is None else [model, projector])):
                 cond = cond_source(*conditioning_inputs(records)) if cond_source is not None else None
-                loss = forward_loss(model, batch, embedder if hybrid else None, cond)
+                if llm.objective == "generative":
+                    loss = forward_loss(model, batch, embedder if hybrid else None, cond)
+                else:
+                    loss = listwise_loss(
+                        model,
+                        samples,
+                        records,
+                        embedder if hybrid else None,
+                        candidate_ids,
+                        cond,
+                        objective=llm.objective,
+                    )
                 value = (
                     float(accelerator.reduce(loss.detach(), "mean"))
                     if accelerator.num_processes > 1

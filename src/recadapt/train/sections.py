@@ -21,6 +21,8 @@ COND_SOURCES = ("crm", "random")
 RANKING_MODES = ("generate", "constrained", "score")  # as recadapt.llm.ranking (not imported: it needs torch)
 PROJECTORS = ("mlp", "scaled", "vocab")  # as recadapt.llm.injection.PROJECTORS
 CURRICULA = ("linear", "hybrid")
+ITEM_PLACEMENTS = ("after", "before")  # as recadapt.llm.prompts.ITEM_PLACEMENTS
+OBJECTIVES = ("generative", "listwise", "both")
 PRECISIONS = ("auto", "bf16", "fp16", "no")
 RECBOLE_PREFIX = "recbole:"  # as recadapt.data.registry (not imported: it loads the readers)
 _RANKING_MONITORS = ("HR@{k}", "NDCG@{k}")
@@ -143,6 +145,12 @@ class LLMConfig:
     # LLaRA's curriculum: linear = p(hybrid prompt) rises from 0 to 1 over training (the paper's);
     # hybrid = hybrid prompts from the first step
     curriculum: str = "linear"
+    # the training loss (next-item): generative = cross-entropy on the target title's tokens (the papers');
+    # listwise = a softmax over the candidates' mean log-likelihoods, the scores score mode ranks by, with the
+    # target as the label; both = their sum, from one forward (the target's likelihood is among the candidates')
+    objective: str = "generative"
+    # hybrid prompts: the CRM placeholder after each title (LLaRA's "Title <|item|>") or before it
+    item_placement: str = "after"
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05  # linear warm-up over this share of the steps, then cosine decay to 0
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
@@ -216,6 +224,16 @@ class LLMConfig:
         if self.projector not in PROJECTORS:
             raise ConfigError(
                 "config", "llm.projector", f"must be one of {PROJECTORS}, got {self.projector!r}"
+            )
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(
+                "config", "llm.objective", f"must be one of {OBJECTIVES}, got {self.objective!r}"
+            )
+        if self.item_placement not in ITEM_PLACEMENTS:
+            raise ConfigError(
+                "config",
+                "llm.item_placement",
+                f"must be one of {ITEM_PLACEMENTS}, got {self.item_placement!r}",
             )
         if self.curriculum not in CURRICULA:
             raise ConfigError(
