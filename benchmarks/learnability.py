@@ -61,23 +61,30 @@ class Row:
 
 # recadapt's improved injection, measured against the papers' recipe in the same rows (docs/results/learnability.md)
 SCALED = ("llm.projector=scaled",)
+HYBRID = ("llm.curriculum=hybrid",)
+BEFORE = ("llm.item_placement=before",)
+LISTWISE = ("llm.objective=both",)
+RELLAX = ("llm.history=recent", "llm.eval_samples=0")
 NEXT_ITEM = {
     "zero-shot": ("zero-shot", ()),
     "tallrec": ("tallrec", ()),
     "llara": ("llara", ()),
     "llara+scaled": ("llara", SCALED),
     "llara+vocab": ("llara", ("llm.projector=vocab",)),
-    "llara+scaled+hybrid": ("llara", (*SCALED, "llm.curriculum=hybrid")),
-    "llara+scaled+hybrid+before": ("llara", (*SCALED, "llm.curriculum=hybrid", "llm.item_placement=before")),
-    "llara+scaled+hybrid+listwise": ("llara", (*SCALED, "llm.curriculum=hybrid", "llm.objective=both")),
-    "llara+scaled+hybrid+before+listwise": (
-        "llara",
-        (*SCALED, "llm.curriculum=hybrid", "llm.item_placement=before", "llm.objective=both"),
-    ),
+    "llara+scaled+hybrid": ("llara", (*SCALED, *HYBRID)),
+    "llara+before": ("llara", BEFORE),
+    "llara+hybrid+before": ("llara", (*HYBRID, *BEFORE)),
+    "llara+scaled+before": ("llara", (*SCALED, *BEFORE)),
+    "llara+scaled+hybrid+before": ("llara", (*SCALED, *HYBRID, *BEFORE)),
+    "llara+scaled+hybrid+listwise": ("llara", (*SCALED, *HYBRID, *LISTWISE)),
+    "llara+scaled+hybrid+before+listwise": ("llara", (*SCALED, *HYBRID, *BEFORE, *LISTWISE)),
     "ilora": ("ilora", ()),
     "ilora+scaled": ("ilora", SCALED),
-    "rellax": ("rellax", ("llm.history=recent", "llm.eval_samples=0")),
-    "rellax+scaled": ("rellax", ("llm.history=recent", "llm.eval_samples=0", *SCALED)),
+    "ilora+scaled+hybrid+before": ("ilora", (*SCALED, *HYBRID, *BEFORE)),
+    "ilora+scaled+hybrid+before+listwise": ("ilora", (*SCALED, *HYBRID, *BEFORE, *LISTWISE)),
+    "rellax": ("rellax", RELLAX),
+    "rellax+scaled": ("rellax", (*RELLAX, *SCALED)),
+    "rellax+scaled+hybrid+before": ("rellax", (*RELLAX, *SCALED, *HYBRID, *BEFORE)),
     "reclora": ("reclora", ("llm.eval_samples=0",)),
 }
 CTR = {
@@ -85,7 +92,7 @@ CTR = {
     "tallrec": ("tallrec", ()),
     "ilora+scaled": ("ilora", SCALED),
     "reclora": ("reclora", ("llm.eval_samples=0",)),
-    "rellax+scaled": ("rellax", ("llm.history=recent", "llm.eval_samples=0", *SCALED)),
+    "rellax+scaled": ("rellax", (*RELLAX, *SCALED)),
 }
 ROWS: tuple[Row, ...] = (
     *(Row(v, label, m, o) for v in ("text", "cf") for label, (m, o) in NEXT_ITEM.items()),
