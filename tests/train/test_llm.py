@@ -827,7 +827,7 @@ def test_listwise_loss_is_the_cross_entropy_of_the_score_mode_scores(workdir: Pa
     )
     expected = torch.nn.functional.cross_entropy(scores, target)
     losses = {
-        objective: listwise_loss(model, samples, records, None, encoder.answer_token_ids, objective=objective)
+        objective: listwise_loss(model, samples, records, None, objective=objective)
         for objective in ("listwise", "both")
     }
     torch.testing.assert_close(losses["listwise"], expected, atol=1e-5, rtol=0)

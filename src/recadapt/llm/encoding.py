@@ -131,6 +131,7 @@ class ItemTokenizer:
             raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with")
         self.pad_token_id = int(pad)
         # ids of every special token (end-of-turn markers such as <|im_end|> or <end_of_turn> among them)
+        self._candidate_ids: dict[str, list[int]] = {}  # candidate_token_ids' cache
         self._special_ids = frozenset(tokenizer.all_special_ids) | frozenset(
             i for i, token in tokenizer.added_tokens_decoder.items() if token.special
         )
@@ -152,6 +153,13 @@ class ItemTokenizer:
     def answer_token_ids(self, answer: str, prompt: str = "") -> list[int]:
         """The labelled token ids of ``answer``; CTR scoring reads the first of "Yes." and "No."."""
         return self._answer_ids([self.answer_text(prompt, answer)])[0]
+
+    def candidate_token_ids(self, title: str) -> list[int]:
+        """What score mode and the listwise objective score for a candidate: its whole answer, end of turn
+        included ("this title, then stop"); tokenized once per title."""
+        if title not in self._candidate_ids:
+            self._candidate_ids[title] = self.answer_token_ids(title)
+        return self._candidate_ids[title]
 
     # token level
 

@@ -24,12 +24,13 @@ from recadapt.tasks.metrics import Estimate, ctr_report, mean_with_ci, ranking_r
 EVAL_CHUNK = 64  # test samples whose prompts are built (and embedded) at once
 
 
-def prompt_inputs(batch: EncodedBatch, embedder: ItemEmbedder | None) -> list[Tensor]:
-    """One unpadded prompt per row: token ids, or input embeddings [T, H] for hybrid prompts."""
+def prompt_inputs(batch: EncodedBatch, embedder: ItemEmbedder | None, *, grad: bool = False) -> list[Tensor]:
+    """One unpadded prompt per row: token ids, or input embeddings [T, H] for hybrid prompts (differentiable
+    with ``grad``, as the listwise objective trains the projector through them)."""
     mask = batch.attention_mask.bool()
     if embedder is None or not batch.item_ids.numel():
         return [batch.input_ids[r][mask[r]] for r in range(len(mask))]
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         embeds = embedder(batch)
     return [embeds[r][mask[r]] for r in range(len(mask))]
 
@@ -66,13 +67,6 @@ def evaluate_llm(
 
     model.eval()
     hybrid = embedder is not None
-    answer_ids: dict[str, list[int]] = {}
-
-    def candidate_ids(title: str) -> list[int]:
-        if title not in answer_ids:  # the whole answer, end-of-turn included: "this title, then stop"
-            answer_ids[title] = encoder.answer_token_ids(title)
-        return answer_ids[title]
-
     scores: dict[str, list[np.ndarray]] = {m: [] for m in modes}
     valid: dict[str, list[np.ndarray]] = {m: [] for m in modes}
     probs: list[np.ndarray] = []
@@ -101,7 +95,7 @@ def evaluate_llm(
                 )
                 continue
             titles = [[factory.titles[i] for i in factory.candidates[r]] for r in chunk_rows]
-            token_ids = [[candidate_ids(t) for t in row] for row in titles]
+            token_ids = [[encoder.candidate_token_ids(t) for t in row] for row in titles]
             for mode in modes:
                 ranking = rank_candidates(
                     typing.cast(RankingMode, mode),

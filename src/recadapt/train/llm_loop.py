@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -169,7 +169,6 @@ def listwise_loss(
     samples: PromptDataset,
     records: Sequence[SampleRecord],
     embedder: ItemEmbedder | None,
-    candidate_ids: Callable[[str], list[int]],
     cond: Tensor | None = None,
     *,
     objective: str = "listwise",
@@ -185,16 +184,11 @@ def listwise_loss(
     """
     from recadapt.llm.scoring import PACKED_ATTENTION, candidate_log_likelihoods
     from recadapt.llm.session import _candidate_tensor
+    from recadapt.tasks.llm import prompt_inputs
 
-    factory = samples.factory
+    factory, encoder = samples.factory, samples.encoder
     device = next(model.parameters()).device
-    batch = samples.prompt_batch(records).to(device)
-    mask = batch.attention_mask.bool()
-    if embedder is not None and batch.item_ids.numel():
-        embeds = embedder(batch)
-        prompts = [embeds[r][mask[r]] for r in range(len(records))]
-    else:
-        prompts = [batch.input_ids[r][mask[r]] for r in range(len(records))]
+    prompts = prompt_inputs(samples.prompt_batch(records).to(device), embedder, grad=True)
     candidates = [factory.candidates[r.key.row] for r in records]
     targets = []
     for record, row_candidates in zip(records, candidates, strict=True):
@@ -203,7 +197,7 @@ def listwise_loss(
             raise ValueError(f"row {record.key.row}: its target is not among its candidates")
         targets.append(int(hits[0]))
     tokens, lengths = _candidate_tensor(
-        [[candidate_ids(factory.titles[int(i)]) for i in row] for row in candidates], ()
+        [[encoder.candidate_token_ids(factory.titles[int(i)]) for i in row] for row in candidates], ()
     )
     packed = getattr(model.config, "_attn_implementation", None) in PACKED_ATTENTION
     totals = candidate_log_likelihoods(model, prompts, tokens, cond=cond, packed=packed)
@@ -316,15 +310,6 @@ def train_loop(
             f"llm.objective={llm.objective} runs in one process for now: its packed forward calls the model "
             "without the distributed wrapper's gradient synchronisation"
         )
-    answer_ids: dict[str, list[int]] = {}
-
-    def candidate_ids(
-        title: str,
-    ) -> list[int]:  # as evaluation scores them: the whole answer, end of turn too
-        if title not in answer_ids:
-            answer_ids[title] = encoder.answer_token_ids(title)
-        return answer_ids[title]
-
     bar = progress_bar(
         total=total_steps,
         initial=state.step,
@@ -367,7 +352,6 @@ def train_loop(
                         samples,
                         records,
                         embedder if hybrid else None,
-                        candidate_ids,
                         cond,
                         objective=llm.objective,
                     )
