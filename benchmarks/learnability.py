@@ -17,6 +17,12 @@ plot under ``--out`` (``--doc PREFIX`` copies them to e.g. ``docs/results/learna
 
 Budget (the default, ~7 minutes a next-item LLM row on 2 CPU cores): 256 training samples, 32 optimizer steps of
 8 samples (one epoch), SmolLM2-135M; evaluation on the 100 test users of the 1,000-user datasets, score mode.
+``--samples N --steps M`` trains the chosen rows at another budget, as separate runs (``RUN-NxM``, key
+``variant/label@NxM``); ``--table-only`` lists every budget trained.
+
+Full-ranking rows (``cf/laser``, ``cf/darec``) rank all 500 items on the leave-one-out split of the same data
+for 100 test users, with their papers' CRM (BERT4Rec for Laser, SASRec for DARec) and epoch-based stages over
+the same 256 samples; beside them SASRec (full ranking, same users) and the most-popular ranking.
 """
 
 from __future__ import annotations
@@ -26,15 +32,18 @@ import csv
 import fnmatch
 import json
 import os
+import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-CHANCE = {"next-item": 1 / 20, "ctr": 0.5}
+DEFAULT_SAMPLES, DEFAULT_STEPS = 256, 32
+CHANCE = {"next-item": 1 / 20, "ctr": 0.5, "full-ranking": 10 / 500}  # HR@10 of a random ranking of 500 items
+FULL_RANKING_USERS = 100  # test users a full-ranking row ranks the whole catalogue for (the LLM is the cost)
 
 
 @dataclass(frozen=True)
@@ -45,18 +54,48 @@ class Row:
     label: str
     method: str
     overrides: tuple[str, ...] = ()
+    samples: int = DEFAULT_SAMPLES
+    steps: int = DEFAULT_STEPS
+    full_ranking: bool = False  # Laser and DARec: the whole catalogue ranked, on the leave-one-out split
+
+    @property
+    def default_budget(self) -> bool:
+        return (self.samples, self.steps) == (DEFAULT_SAMPLES, DEFAULT_STEPS)
 
     @property
     def key(self) -> str:
-        return f"{self.variant}/{self.label}"
+        budget = "" if self.default_budget else f"@{self.samples}x{self.steps}"
+        return f"{self.variant}/{self.label}{budget}"
 
     @property
     def protocol(self) -> str:
+        if self.full_ranking:
+            return "full-ranking"
         return "ctr" if self.variant == "ctr" else "next-item"
 
     @property
+    def crm(self) -> str:
+        """The CRM the row reads (and its reference): BERT4Rec for Laser, as in the paper; SASRec otherwise."""
+        return "bert4rec" if self.method == "laser" else "sasrec"
+
+    @property
     def run_name(self) -> str:
-        return f"{self.label.replace('+', '-')}-{self.variant}"
+        """``llara-scaled-cf``; a run at another budget than the default gets ``-1024x128`` appended."""
+        budget = "" if self.default_budget else f"-{self.samples}x{self.steps}"
+        return f"{self.label.replace('+', '-')}-{self.variant}{budget}"
+
+    def with_budget(self, samples: int, steps: int) -> Row:
+        return replace(self, samples=samples, steps=steps)
+
+    def trained_budgets(self, out: Path) -> list[Row]:
+        """This row at every budget trained under ``out`` (for ``--table-only``), the default first."""
+        base = replace(self, samples=DEFAULT_SAMPLES, steps=DEFAULT_STEPS).run_name
+        rows = [self.with_budget(DEFAULT_SAMPLES, DEFAULT_STEPS)]
+        for folder in sorted((out / "runs").glob(f"{base}-*x*")):
+            found = re.fullmatch(rf"{re.escape(base)}-(\d+)x(\d+)", folder.name)
+            if found:
+                rows.append(self.with_budget(int(found[1]), int(found[2])))
+        return [r for r in rows if (out / "runs" / r.run_name / "metrics.json").exists()]
 
 
 # recadapt's improved injection, measured against the papers' recipe in the same rows (docs/results/learnability.md)
@@ -78,6 +117,8 @@ NEXT_ITEM = {
     "llara+scaled+hybrid+before": ("llara", (*SCALED, *HYBRID, *BEFORE)),
     "llara+scaled+hybrid+listwise": ("llara", (*SCALED, *HYBRID, *LISTWISE)),
     "llara+scaled+hybrid+before+listwise": ("llara", (*SCALED, *HYBRID, *BEFORE, *LISTWISE)),
+    "llara+hybrid+before+listwise": ("llara", (*HYBRID, *BEFORE, *LISTWISE)),
+    "llara+scaled+before+listwise": ("llara", (*SCALED, *BEFORE, *LISTWISE)),
     "ilora": ("ilora", ()),
     "ilora+scaled": ("ilora", SCALED),
     "ilora+scaled+hybrid+before": ("ilora", (*SCALED, *HYBRID, *BEFORE)),
@@ -85,6 +126,7 @@ NEXT_ITEM = {
     "rellax": ("rellax", RELLAX),
     "rellax+scaled": ("rellax", (*RELLAX, *SCALED)),
     "rellax+scaled+hybrid+before": ("rellax", (*RELLAX, *SCALED, *HYBRID, *BEFORE)),
+    "rellax+scaled+hybrid+before+listwise": ("rellax", (*RELLAX, *SCALED, *HYBRID, *BEFORE, *LISTWISE)),
     "reclora": ("reclora", ("llm.eval_samples=0",)),
 }
 CTR = {
@@ -93,20 +135,33 @@ CTR = {
     "ilora+scaled": ("ilora", SCALED),
     "reclora": ("reclora", ("llm.eval_samples=0",)),
     "rellax+scaled": ("rellax", (*RELLAX, *SCALED)),
+    "ilora+scaled+hybrid+before": ("ilora", (*SCALED, *HYBRID, *BEFORE)),
+    "rellax+scaled+hybrid+before": ("rellax", (*RELLAX, *SCALED, *HYBRID, *BEFORE)),
 }
+FULL_RANKING = {"laser": ("laser", ()), "darec": ("darec", ())}  # the papers' recipes (configs/*.yaml)
 ROWS: tuple[Row, ...] = (
     *(Row(v, label, m, o) for v in ("text", "cf") for label, (m, o) in NEXT_ITEM.items()),
     *(Row("long", label, *NEXT_ITEM[label]) for label in ("tallrec", "llara+scaled", "reclora")),
     *(Row("ctr", label, m, o) for label, (m, o) in CTR.items()),
+    *(Row("cf", label, m, o, full_ranking=True) for label, (m, o) in FULL_RANKING.items()),
 )
 
 
-def budget(row: Row, samples: int, steps: int) -> tuple[str, ...]:
-    """The fixed CPU budget every trained row gets: ``samples`` training samples, ``steps`` optimizer steps of
-    8 samples, score-mode evaluation; ``llm.crm_run`` is filled in by the caller."""
+def budget(row: Row) -> tuple[str, ...]:
+    """The fixed CPU budget a trained row gets: ``row.samples`` training samples, ``row.steps`` optimizer steps
+    of 8 samples, score-mode evaluation; ``llm.crm_run`` is filled in by the caller. Full-ranking rows train
+    their config's epochs over ``row.samples`` (their stages are epoch-based) and rank for a fixed user subset."""
+    if row.full_ranking:
+        return (
+            f"llm.train_samples={row.samples}",
+            "llm.batch_size=4",
+            "llm.grad_accum=2",
+            "llm.checkpoint_every=8",
+            f"llm.eval_samples={FULL_RANKING_USERS}",
+        )
     common = (
-        f"llm.train_samples={samples}",
-        f"llm.max_steps={steps}",
+        f"llm.train_samples={row.samples}",
+        f"llm.max_steps={row.steps}",
         "llm.batch_size=4",
         "llm.grad_accum=2",
         "llm.checkpoint_every=8",
@@ -151,27 +206,54 @@ def common_args(out: Path) -> tuple[str, ...]:
     return (f"output_dir={out / 'runs'}", f"data.prepared_dir={out / 'prepared'}")
 
 
-def sasrec(out: Path, variant: str) -> Path:
-    """SASRec on the variant (the CRM every LLM row reads, and the reference row)."""
-    protocol = "ctr" if variant == "ctr" else "next-item"
-    run_dir = out / "runs" / f"sasrec-{variant}"
+def crm_run(out: Path, row: Row) -> Path:
+    """The row's CRM trained on its variant and protocol (what the LLM row reads, and the reference row):
+    ``sasrec-cf``, ``bert4rec-cf-full-ranking``..."""
+    name = f"{row.crm}-{row.variant}" + ("-full-ranking" if row.full_ranking else "")
+    run_dir = out / "runs" / name
     if not (run_dir / "metrics.json").exists():
-        config = "sasrec.yaml"
         run(
             recadapt(
-                "train", "--config", str(REPO / "configs" / config), "--dataset", dataset(out, variant),
-                "--protocol", protocol, *common_args(out), f"name=sasrec-{variant}",
+                "train", "--config", str(REPO / "configs" / f"{row.crm}.yaml"),
+                "--dataset", dataset(out, row.variant), "--protocol", row.protocol, *common_args(out),
+                f"name={name}",
             ),
-            out / "logs" / f"sasrec-{variant}.log",
+            out / "logs" / f"{name}.log",
         )  # fmt: skip
     return run_dir
 
 
-def train_row(out: Path, row: Row, samples: int, steps: int) -> Path:
+def reference(out: Path, row: Row) -> dict[str, Any]:
+    """SASRec's test report on the users the row is scored on (for full ranking: re-scored on the same
+    ``FULL_RANKING_USERS``, kept in ``RUN/test-N.json``), and the most-popular ranking's for full ranking."""
+    sasrec = crm_run(out, Row(row.variant, "sasrec", "sasrec", full_ranking=row.full_ranking))
+    if not row.full_ranking:
+        return {"sasrec": json.loads((sasrec / "metrics.json").read_text(encoding="utf-8"))["test"]}
+    from recadapt.data.store import ensure_prepared
+    from recadapt.io import write_json_atomic
+    from recadapt.tasks.fullrank import popularity_report, subset
+    from recadapt.train.config import load_config
+    from recadapt.train.crm import evaluate_run
+
+    path = sasrec / f"test-{FULL_RANKING_USERS}.json"
+    if not path.exists():
+        report = evaluate_run(sasrec, part="test", samples=FULL_RANKING_USERS)
+        write_json_atomic(path, {k: v.to_dict() for k, v in report.items()})
+    data = load_config(sasrec / "config.yaml").data
+    prepared = ensure_prepared(data.dataset, data.protocol, out_root=data.prepared_dir, seed=data.split_seed)
+    test = subset(prepared.parts["test"], FULL_RANKING_USERS, data.split_seed)
+    popular = popularity_report(prepared.parts["train"], test, prepared.n_items, n_boot=1000)
+    return {
+        "sasrec": json.loads(path.read_text(encoding="utf-8")),
+        "popular": {k: v.to_dict() for k, v in popular.items()},
+    }
+
+
+def train_row(out: Path, row: Row) -> Path:
     run_dir = out / "runs" / row.run_name
     if not (run_dir / "metrics.json").exists():
-        crm = sasrec(out, row.variant)
-        overrides = (*budget(row, samples, steps), *row.overrides)
+        crm = crm_run(out, row)
+        overrides = (*budget(row), *row.overrides)
         if row.method != "zero-shot" and row.method != "tallrec":
             overrides = (f"llm.crm_run={crm}", *overrides)
         started = time.time()
@@ -201,17 +283,26 @@ def probe(run_dir: Path) -> dict[str, Any] | None:
         return None
     if not path.exists():
         from recadapt.io import write_json_atomic
-        from recadapt.train.llm import evaluate_llm_run
+        from recadapt.methods.registry import method
+        from recadapt.train.config import load_config
 
-        reports = evaluate_llm_run(run_dir, modes=["score"], progress=False, shuffle_crm=True)
-        report = next(iter(reports.values()))
+        if method(load_config(run_dir / "config.yaml").model_name).recipe == "fullrank":
+            from recadapt.train.fullrank import evaluate_fullrank_run
+
+            report = evaluate_fullrank_run(run_dir, shuffle_crm=True)
+        else:
+            from recadapt.train.llm import evaluate_llm_run
+
+            reports = evaluate_llm_run(run_dir, modes=["score"], progress=False, shuffle_crm=True)
+            report = next(iter(reports.values()))
         write_json_atomic(path, {k: v.to_dict() for k, v in report.items()})
     return json.loads(path.read_text(encoding="utf-8"))
 
 
 def headline(protocol: str) -> tuple[str, str]:
-    """(metric, loss) of a protocol: HR@1 and the answer NLL per token, or AUC and LogLoss."""
-    return ("AUC", "LogLoss") if protocol == "ctr" else ("HR@1", "AnswerNLL")
+    """(metric, loss) of a protocol: HR@1 and the answer NLL per token, AUC and LogLoss, or HR@10 (and MRR in
+    the loss columns: full ranking has no answer loss)."""
+    return {"ctr": ("AUC", "LogLoss"), "full-ranking": ("HR@10", "MRR")}.get(protocol, ("HR@1", "AnswerNLL"))
 
 
 def fmt(entry: dict[str, Any] | None, digits: int = 3) -> str:
@@ -226,7 +317,7 @@ def fmt(entry: dict[str, Any] | None, digits: int = 3) -> str:
 def table_row(out: Path, row: Row) -> dict[str, Any]:
     run_dir = out / "runs" / row.run_name
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    crm = json.loads((out / "runs" / f"sasrec-{row.variant}" / "metrics.json").read_text(encoding="utf-8"))
+    references = reference(out, row)
     metric, loss = headline(row.protocol)
     test = metrics["test"]
     shuffled = probe(run_dir)
@@ -240,8 +331,10 @@ def table_row(out: Path, row: Row) -> dict[str, Any]:
         "metric": metric,
         "value": test.get(metric, {}).get("value"),
         "result": fmt(test.get(metric)),
-        "sasrec": fmt(crm["test"].get(metric)),
+        "sasrec": fmt(references["sasrec"].get(metric)),
+        "popular": fmt(references["popular"].get(metric)) if "popular" in references else "-",
         "chance": CHANCE[row.protocol],
+        "panel": f"{row.variant}, full ranking" if row.full_ranking else row.variant,
         "shuffled": fmt(shuffled.get(metric)) if shuffled else "n/a (no CRM input)",
         "shuffled_value": shuffled.get(metric, {}).get("value") if shuffled else None,
         "loss": fmt(test.get(loss)),
@@ -258,9 +351,10 @@ COLUMNS = (
     ("metric", "metric"),
     ("result", "result [95% CI]"),
     ("shuffled", "shuffled CRM"),
-    ("loss", "loss (NLL/token or LogLoss)"),
+    ("loss", "loss (NLL/token, LogLoss; MRR)"),
     ("loss_shuffled", "loss, shuffled CRM"),
     ("sasrec", "SASRec"),
+    ("popular", "most popular"),
     ("chance", "chance"),
 )
 
@@ -278,12 +372,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    variants = list(dict.fromkeys(r["panel"] for r in rows))
     fig, axes = plt.subplots(
         1, len(variants), figsize=(4 + 2.2 * len(rows) / max(len(variants), 1), 4), squeeze=False
     )
     for ax, variant in zip(axes[0], variants, strict=True):
-        mine = [r for r in rows if r["variant"] == variant]
+        mine = [r for r in rows if r["panel"] == variant]
         xs = range(len(mine))
         ax.bar([x - 0.2 for x in xs], [r["value"] or 0 for r in mine], 0.4, label="trained")
         ax.bar(
@@ -326,8 +420,8 @@ def main() -> None:
     parser.add_argument(
         "--rows", nargs="+", default=["*"], help="row keys or globs (variant/label); see --list"
     )
-    parser.add_argument("--samples", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--doc", type=Path, help="also write the table, CSV and plot to this prefix")
     parser.add_argument("--list", action="store_true", help="print the rows and exit")
     parser.add_argument("--table-only", action="store_true", help="tabulate the rows already trained")
@@ -335,17 +429,18 @@ def main() -> None:
     chosen = [r for r in ROWS if any(fnmatch.fnmatchcase(r.key, pattern) for pattern in args.rows)]
     if args.list or not chosen:
         for r in ROWS:
-            print(f"{r.key:28s} {r.method:10s} {' '.join(r.overrides)}")
+            print(f"{r.key:42s} {r.method:8s} {r.protocol:13s} {' '.join(r.overrides)}")
         if not chosen:
             raise SystemExit(f"no row matches {args.rows}")
         return
     args.out = args.out.resolve()
     results = []
+    if args.table_only:
+        chosen = [r for row in chosen for r in row.trained_budgets(args.out)]
+    else:
+        chosen = [r.with_budget(args.samples, args.steps) for r in chosen]
     for row in chosen:
-        run_dir = args.out / "runs" / row.run_name
-        if args.table_only and not (run_dir / "metrics.json").exists():
-            continue
-        train_row(args.out, row, args.samples, args.steps)
+        train_row(args.out, row)
         results.append(table_row(args.out, row))
         print(
             f"{row.key}: {results[-1]['metric']} {results[-1]['result']}, shuffled {results[-1]['shuffled']}",

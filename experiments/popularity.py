@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
-from recadapt.data.arrays import list_offsets_values, to_list_array
 from recadapt.data.store import ensure_prepared
-from recadapt.tasks.evaluate import RANKING_KS, evaluation_rows
-from recadapt.tasks.fullrank import mask_seen_items
-from recadapt.tasks.metrics import ranking_report, target_ranks
+from recadapt.tasks.fullrank import popularity_report, subset
 
 
 def main() -> None:
@@ -27,16 +22,8 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=1000)
     args = parser.parse_args()
     prepared = ensure_prepared(args.dataset, "full-ranking", data_root=args.data_dir)
-    train = prepared.parts["train"]
-    _, items = list_offsets_values(to_list_array(train["history"]))
-    counts = np.bincount(np.concatenate([items, train["target"].to_numpy()]), minlength=prepared.n_items)
-    test = prepared.parts["test"]
-    test = test.iloc[evaluation_rows(len(test), args.samples, 0)].reset_index(drop=True)
-    scores = mask_seen_items(np.tile(counts.astype(np.float64), (len(test), 1)), test)
-    ranks = target_ranks(scores, test["target"].to_numpy())
-    report = ranking_report(
-        ranks, test["user_id"].to_numpy(), ks=RANKING_KS["full-ranking"], n_boot=args.n_boot
-    )
+    test = subset(prepared.parts["test"], args.samples, 0)
+    report = popularity_report(prepared.parts["train"], test, prepared.n_items, args.n_boot)
     print(f"most popular, {args.dataset}, {len(test)} test users")
     for name in ("HR@10", "NDCG@10", "MRR", "HR@50"):
         print(f"  {name:<8} {report[name]}")

@@ -117,12 +117,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if recipe == "fullrank":
         from recadapt.train.fullrank import evaluate_fullrank_run
 
-        if args.mode or args.shuffle_crm:
-            raise ValueError(
-                "--mode and --shuffle-crm apply to LLM runs; a full-ranking run scores the whole catalogue"
-            )
+        if args.mode:
+            raise ValueError("--mode applies to LLM runs; a full-ranking run scores the whole catalogue")
         reports = {
-            "": evaluate_fullrank_run(run_dir, part=args.part, n_boot=args.n_boot, samples=args.samples)
+            "": evaluate_fullrank_run(
+                run_dir,
+                part=args.part,
+                n_boot=args.n_boot,
+                samples=args.samples,
+                shuffle_crm=args.shuffle_crm,
+            )
         }
     elif recipe == "llm":
         from recadapt.train.llm import evaluate_llm_run
@@ -263,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--shuffle-crm",
         action="store_true",
-        help="LLM runs with a CRM: permute item ids on the CRM's side (its item table, the histories it reads); "
+        help="runs that read a CRM (LLM and full-ranking): permute item ids on the CRM's side (its item table, "
+        "the histories it reads); "
         "a method that uses its collaborative input must score worse",
     )
     ev.add_argument("--json", action="store_true")

@@ -282,3 +282,38 @@ def test_adapter_search_resumes_an_interrupted_study(workdir: Path) -> None:
     assert len(history) == 4 and (run_dir / "search_history.png").exists()
     best = max(again, key=lambda c: c[2])
     assert (run_dir / "best_plan.txt").read_text().strip() == trials[best[0]].user_attrs["plan"]
+
+
+@pytest.mark.parametrize("method", ["laser", "darec"])
+def test_the_shuffled_crm_probe_reaches_the_full_ranking_methods(
+    workdir: Path, monkeypatch, capsys, method: str
+) -> None:
+    """``recadapt eval RUN --shuffle-crm`` on Laser (M-Former over BERT4Rec states, item table recomputed) and
+    DARec (injected SASRec slots): the user embeddings move, and an evaluation without it reproduces the run.
+    Whether a trained method ranks *worse* is what the learnability suite measures."""
+    import recadapt.train.fullrank as fullrank
+
+    recorded: list[np.ndarray] = []
+    rank_part = fullrank.rank_part
+
+    def recording(model, part, table, max_len, batch_size, n_boot, **kwargs):
+        from recadapt.tasks.fullrank import history_arrays
+
+        model.eval()
+        with torch.no_grad():
+            users, _ = model.user_embeddings(history_arrays(part["history"], max_len)[:batch_size])
+            recorded.append(users.float().numpy())  # the user side alone: Laser's table is recomputed
+        return rank_part(model, part, table, max_len, batch_size, n_boot, **kwargs)
+
+    run = f"{method}-probe"
+    short = ("model.stage1_epochs=1",) if method == "laser" else ("llm.epochs=1",)
+    assert main(_args(workdir, method, run, *short)) == 0
+    monkeypatch.setattr(fullrank, "rank_part", recording)
+    reports = {}
+    for flags in ((), ("--shuffle-crm",)):
+        capsys.readouterr()
+        assert main(["eval", str(workdir / "runs" / run), "--json", *flags]) == 0
+        reports[flags] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert reports[()] == _metrics(workdir / "runs" / run)["test"]
+    plain, shuffled = recorded
+    assert plain.shape == shuffled.shape and not np.allclose(plain, shuffled, atol=1e-3)

@@ -837,15 +837,18 @@ def test_listwise_loss_is_the_cross_entropy_of_the_score_mode_scores(workdir: Pa
     assert any(float(p.grad.abs().sum()) > 0 for p in model.parameters() if p.grad is not None)
 
 
-def test_llara_trains_with_the_listwise_objective_and_ctr_refuses_it(workdir: Path) -> None:
+def test_the_listwise_objective_trains_every_cf_method_and_ctr_refuses_it(workdir: Path) -> None:
+    """LLaRA (item tokens), iLoRA (gate) and ReLLaX (soft prompts, retrieved history) train with
+    ``llm.objective=both`` and placeholders before titles: the listwise forward carries each method's inputs."""
     crm_run = _train_tiny_sasrec(workdir, "sasrec-listwise")
-    run = "llara-listwise"
-    extra = [f"llm.crm_run={crm_run}", "llm.train_samples=8", "llm.epochs=1", "llm.eval_samples=12"]
-    extra += ["llm.eval_modes=[score]", "llm.objective=both", "llm.item_placement=before"]
-    assert main(_args(workdir, "llara", run, *extra)) == 0
-    rows = _log(workdir / "runs" / run)
-    assert rows and all(np.isfinite(float(r["train/loss"])) for r in rows)
-    assert "HR@1" in _metrics(workdir / "runs" / run)["test"]
+    for method, own in (("llara", []), ("ilora", []), ("rellax", ["llm.history=recent"])):
+        run = f"{method}-listwise"
+        extra = [f"llm.crm_run={crm_run}", "llm.train_samples=8", "llm.epochs=1", "llm.eval_samples=12"]
+        extra += ["llm.eval_modes=[score]", "llm.objective=both", "llm.item_placement=before", *own]
+        assert main(_args(workdir, method, run, *extra)) == 0, method
+        rows = _log(workdir / "runs" / run)
+        assert rows and all(np.isfinite(float(r["train/loss"])) for r in rows), method
+        assert "HR@1" in _metrics(workdir / "runs" / run)["test"], method
     with pytest.raises(ConfigError, match="llm.objective"):
         from recadapt.train.llm import train_llm
 

@@ -17,6 +17,24 @@ from recadapt.data.prepare import Prepared
 from recadapt.errors import ConfigError
 
 STREAM_COND = 15  # the random stream of the `random` conditioning ablation
+STREAM_SHUFFLE = 16  # the random stream of the shuffled-CRM probe
+
+
+def shuffled_item_map(n_items: int, seed: int) -> np.ndarray:
+    """The shuffled-CRM probe's permutation: item ``i`` is read by the CRM as item ``map[i]`` (one per split seed,
+    shared by every method so their probes are comparable)."""
+    return np.random.default_rng([seed, STREAM_SHUFFLE]).permutation(n_items)
+
+
+def permute_crm_items(crm: nn.Module, item_map: np.ndarray) -> None:
+    """Make a loaded CRM read item ``item_map[i]`` wherever it is given item ``i``: its input item rows are
+    permuted in place (PAD and MASK rows stay), so every history, one-item prompt and CF slot sees another item's
+    collaborative embedding while titles and ids elsewhere are unchanged. For the full-ranking methods (Laser's
+    M-Former input, DARec's injected slots), which read the CRM only through its item embeddings."""
+    weight = crm.item_embedding.weight
+    index = torch.from_numpy(np.asarray(item_map, dtype=np.int64)).to(weight.device)
+    with torch.no_grad():
+        weight[: len(index)] = weight[index].clone()
 
 
 def load_crm_run(

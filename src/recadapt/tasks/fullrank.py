@@ -60,3 +60,15 @@ def rank_part(
 
 def subset(part: pd.DataFrame, n: int, split_seed: int) -> pd.DataFrame:
     return part.iloc[evaluation_rows(len(part), n, split_seed)].reset_index(drop=True)
+
+
+def popularity_report(
+    train: pd.DataFrame, part: pd.DataFrame, n_items: int, n_boot: int
+) -> dict[str, Estimate]:
+    """The most-popular reference: every item ranked by its training count (histories and targets), seen items
+    excluded. What any model learns first, so a full-ranking method below it has learned nothing personal."""
+    _, items = list_offsets_values(to_list_array(train["history"]))
+    counts = np.bincount(np.concatenate([items, train["target"].to_numpy()]), minlength=n_items)
+    scores = mask_seen_items(np.tile(counts.astype(np.float64), (len(part), 1)), part)
+    ranks = target_ranks(scores, part["target"].to_numpy())
+    return ranking_report(ranks, part["user_id"].to_numpy(), ks=RANKING_KS["full-ranking"], n_boot=n_boot)

@@ -405,14 +405,23 @@ def _train_fullrank(config: RunConfig, resume: bool, progress: bool, evaluate_te
 
 
 def evaluate_fullrank_run(run_dir: Path, part: str = "test", n_boot: int | None = None,
-                          samples: int | None = None) -> dict[str, Estimate]:  # fmt: skip
-    """Rank ``part`` with a finished run's best weights (and item table)."""
+                          samples: int | None = None, shuffle_crm: bool = False) -> dict[str, Estimate]:  # fmt: skip
+    """Rank ``part`` with a finished run's best weights (and item table).
+
+    ``shuffle_crm``: the probe of whether the method uses its CRM. The frozen CRM reads every item as another
+    (:func:`~recadapt.cf.runs.permute_crm_items`, the same permutation as the LLM methods' probe) and the item
+    table is recomputed under it, so histories, one-item prompts and injected slots all carry wrong
+    collaborative embeddings while titles and targets stay. A method that uses its CRM must rank worse."""
+    from recadapt.cf.runs import permute_crm_items, shuffled_item_map
     from recadapt.train.config import load_config
 
     config = load_config(run_dir / "config.yaml")
     llm = check_config(config)
     model, prepared, _ = build_run(config, progress=False)
     table = load_trainable(model, run_dir / BEST_DIR)
+    if shuffle_crm:
+        permute_crm_items(model.crm, shuffled_item_map(prepared.n_items, config.data.split_seed))
+        table = None
     if table is None:
         with torch.no_grad():
             table = model.item_table()

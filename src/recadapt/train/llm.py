@@ -34,7 +34,7 @@ from recadapt.adapters.build import (
     has_adapter,
     load_weights,
 )
-from recadapt.cf.runs import CondSource, crm_item_table, load_crm_run
+from recadapt.cf.runs import CondSource, crm_item_table, load_crm_run, shuffled_item_map
 from recadapt.data.prepare import Prepared
 from recadapt.data.samplers import training_rows
 from recadapt.data.store import ensure_prepared
@@ -62,7 +62,6 @@ from recadapt.train.state import rounded_train_seconds
 
 log = logging.getLogger(__name__)
 
-STREAM_SHUFFLE = 16  # the random stream of the shuffled-CRM probe
 
 # train.* fields an LLM run reads; the others belong to the CRM recipe and must stay at their defaults
 TRAIN_FIELDS_USED = ("seed", "max_len", "n_boot", "num_threads")
@@ -341,9 +340,7 @@ def _collaborative_inputs(
     item_table = crm_item_table(crm) if hybrid and crm is not None else None
     item_map = None
     if shuffle_crm:
-        item_map = np.random.default_rng([config.data.split_seed, STREAM_SHUFFLE]).permutation(
-            prepared.n_items
-        )
+        item_map = shuffled_item_map(prepared.n_items, config.data.split_seed)
         if item_table is not None:
             item_table = item_table[torch.from_numpy(item_map).to(item_table.device)]
     cond_source = None
