@@ -138,7 +138,12 @@ CTR = {
     "ilora+scaled+hybrid+before": ("ilora", (*SCALED, *HYBRID, *BEFORE)),
     "rellax+scaled+hybrid+before": ("rellax", (*RELLAX, *SCALED, *HYBRID, *BEFORE)),
 }
-FULL_RANKING = {"laser": ("laser", ()), "darec": ("darec", ())}  # the papers' recipes (configs/*.yaml)
+# the papers' recipes (configs/*.yaml), and DARec with recadapt's collaborative item side
+FULL_RANKING = {
+    "laser": ("laser", ()),
+    "darec": ("darec", ()),
+    "darec+itemcf": ("darec", ("model.item_cf=true",)),
+}
 ROWS: tuple[Row, ...] = (
     *(Row(v, label, m, o) for v in ("text", "cf") for label, (m, o) in NEXT_ITEM.items()),
     *(Row("long", label, *NEXT_ITEM[label]) for label in ("tallrec", "llara+scaled", "reclora")),

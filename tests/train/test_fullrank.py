@@ -199,7 +199,13 @@ def test_config_errors_name_the_field(workdir: Path, override: str, field: str) 
 @pytest.mark.parametrize(
     ("run", "extra", "present", "absent"),
     [
-        ("darec", [], ["injector.", "seq_token", "user_proj.", "item_proj.", "lora_A"], ["crm."]),
+        (
+            "darec",
+            [],
+            ["injector.", "seq_token", "user_proj.", "item_proj.", "lora_A"],
+            ["crm.", "item_cf_proj."],
+        ),
+        ("darec-itemcf", ["model.item_cf=true"], ["item_cf_proj.", "item_proj."], ["crm."]),
         ("darec-mixed", ["model.adapter_plan=moe-lora:4,bottleneck:8"], ["conditioner", "lora_A"], []),
         (
             "darec-nocf",

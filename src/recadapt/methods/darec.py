@@ -9,6 +9,8 @@ adapted layer by layer for full-ranking next-item recommendation.
   only within the item, while ``[SEQ]`` and the instruction see everything before them.
 - **Collaborative knowledge injection** (``cf_injection``): a trained SASRec's user vector and its embeddings of
   the ``cf_items`` most recent history items become extra key/value slots in every layer's attention.
+- **Item side** (``item_cf``, recadapt's addition, off by default): the item table also projects each item's CRM
+  embedding, so items are placed collaboratively and not only by their titles.
 - **Dynamic adaption** (``adapter_plan``): each decoder layer gets its own adapter kind and rank (``none``,
   ``lora``, ``moe-lora`` gated by the SASRec user vector, ``bottleneck``), chosen by
   :mod:`recadapt.train.search` with Optuna; a single entry (``lora:8``) is the uniform-LoRA ablation.
@@ -56,6 +58,10 @@ class DARecConfig:
     context_masking: bool = True
     cf_injection: bool = True
     cf_items: int = 4  # CF slots: the user vector + this many most recent history items
+    # recadapt's addition (off = the reconstruction): the item side also reads the CRM, each item's table row
+    # = item projection of its text vector + a projection of its CRM embedding. Without it an item whose title
+    # says nothing about it (synth-cf) can only be placed by the few steps that see it as a target.
+    item_cf: bool = False
     injector_hidden: int = 256
     out_dim: int = 256  # width of the user and item projections
     temperature: float = 0.05  # of the cosine scores (as Laser's)
@@ -147,6 +153,7 @@ class DARec(FullRankingModel):
         self.register_buffer("item_text", item_text.float(), persistent=False)
         self.user_proj = nn.Linear(hidden, config.out_dim)
         self.item_proj = nn.Linear(item_text.size(1), config.out_dim)
+        self.item_cf_proj = nn.Linear(crm.embedding_dim, config.out_dim) if config.item_cf else None
         self.injector = (
             CFKeyValueInjector(crm.embedding_dim, llm.config, hidden=config.injector_hidden)
             if config.cf_injection
@@ -203,7 +210,12 @@ class DARec(FullRankingModel):
         return users, torch.zeros((), device=device)
 
     def item_table(self, progress: bool = False) -> Tensor:
-        return self.item_proj(self.item_text)
+        table = self.item_proj(self.item_text)
+        if self.item_cf_proj is not None:
+            with torch.no_grad():
+                collaborative = self.crm.item_embeddings().float()
+            table = table + self.item_cf_proj(collaborative.to(table.device))
+        return table
 
     def logits(self, users: Tensor, table: Tensor) -> Tensor:
         """Cosine over ``temperature``: a raw dot product of freshly initialised projections starts the softmax
