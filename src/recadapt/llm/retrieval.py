@@ -44,7 +44,9 @@ DEFAULT_DIM = 512  # ReLLa's PCA dimension; pca_reduce clamps it to the hidden s
 DEFAULT_BATCH_SIZE = 64  # item texts per forward
 # Bump when the embedding or PCA recipe changes: cached vectors computed the old way then stop matching.
 CACHE_FORMAT = 1
-_STREAM_REIT = 16  # random stream of the ReiT view draw (train/llm.py uses 11-15)
+_STREAM_REIT = (
+    16  # random stream of the ReiT view draw (keyed [seed, 16, epoch, sample]; the probe's is [seed, 16])
+)
 _RETRIEVE_CHUNK = 1024  # samples per vectorised step of retrieve_many (1024 x 50 x 512 floats ~ 100 MB)
 
 

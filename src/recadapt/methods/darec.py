@@ -212,8 +212,10 @@ class DARec(FullRankingModel):
     def item_table(self, progress: bool = False) -> Tensor:
         table = self.item_proj(self.item_text)
         if self.item_cf_proj is not None:
-            with torch.no_grad():
-                collaborative = self.crm.item_embeddings().float()
+            with (
+                torch.no_grad()
+            ):  # the input table, as the CF slots read it (and the shuffled probe permutes)
+                collaborative = self.crm.item_embedding.weight[: self.crm.n_items].float()
             table = table + self.item_cf_proj(collaborative.to(table.device))
         return table
 
