@@ -18,7 +18,9 @@ from recadapt.errors import (
     NonFiniteLossError,
     RunDirBusyError,
 )
+from recadapt.methods.registry import PROTOCOLS
 from recadapt.progress import quiet_third_party_bars, stderr_is_terminal
+from recadapt.train.sections import NEGATIVE_SAMPLERS
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
@@ -48,6 +50,10 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from recadapt.data.store import ensure_prepared, prepared_root
 
+    sampled = {"n_negatives": args.n_negatives, "negatives": args.negatives}
+    sampled = {k: v for k, v in sampled.items() if v is not None}
+    if sampled and "sampled-ranking" not in args.protocol:
+        raise SystemExit("--n-negatives and --negatives apply to --protocol sampled-ranking only")
     for protocol in args.protocol:
         prepared = ensure_prepared(
             args.dataset,
@@ -56,6 +62,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             out_root=args.out,
             seed=args.seed,
             force=args.force,
+            params=sampled if protocol == "sampled-ranking" else None,
         )
         rows = ", ".join(f"{k} {len(v):,}" for k, v in prepared.parts.items())
         print(
@@ -220,8 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = data.add_parser("prepare", help="build and persist a protocol split (deterministic)")
     prep.add_argument("--dataset", required=True, help="ml-100k, lastfm, ml-1m-ctr, ... or recbole:PATH/NAME")
+    prep.add_argument("--protocol", nargs="+", default=["next-item"], choices=PROTOCOLS)
+    prep.add_argument("--n-negatives", type=int, help="sampled-ranking: negatives per target (default 19)")
     prep.add_argument(
-        "--protocol", nargs="+", default=["next-item"], choices=["next-item", "ctr", "full-ranking"]
+        "--negatives", choices=NEGATIVE_SAMPLERS, help="sampled-ranking: uniform (default) or popularity"
     )
     prep.add_argument("--seed", type=int, default=0)
     prep.add_argument("--data-dir")
@@ -234,9 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True)
     train.add_argument("--data-dir", help="data root (default: $RECADAPT_DATA or ~/.cache/recadapt/data)")
     train.add_argument("--dataset", help="shorthand for data.dataset=..., e.g. lastfm or recbole:PATH/NAME")
-    train.add_argument(
-        "--protocol", choices=["next-item", "ctr", "full-ranking"], help="shorthand for data.protocol"
-    )
+    train.add_argument("--protocol", choices=PROTOCOLS, help="shorthand for data.protocol")
     train.add_argument(
         "--restart", action="store_true", help="ignore an existing checkpoint in the run directory"
     )

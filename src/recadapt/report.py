@@ -17,6 +17,7 @@ REPORTED = {
     "next-item": ("HR@1", "NDCG@10", "ValidRatio"),
     "ctr": ("AUC", "LogLoss", "Accuracy"),
     "full-ranking": ("HR@10", "NDCG@10", "MRR"),
+    "sampled-ranking": ("HR@1", "NDCG@10", "MRR"),
 }
 
 

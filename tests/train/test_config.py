@@ -181,6 +181,7 @@ def test_monitor_metrics_are_what_evaluation_reports():
         "next-item": (pd.DataFrame({**base, "candidates": [np.array([3, 4])] * 2}), np.eye(2)),
         "full-ranking": (pd.DataFrame(base), np.random.default_rng(0).random((2, 5))),
         "ctr": (pd.DataFrame({**base, "label": [0, 1]}), np.array([0.2, 0.7])),
+        "sampled-ranking": (pd.DataFrame({**base, "candidates": [np.array([3, 4])] * 2}), np.eye(2)),
     }
     assert set(parts) == set(MONITOR_METRICS) == set(PROTOCOLS)
     for protocol, (part, scores) in parts.items():
@@ -304,3 +305,18 @@ def test_projector_curriculum_objective_and_placement_are_checked_and_name_the_f
     config = load_config(root / "llara.yaml", overrides)
     assert (config.llm.projector, config.llm.curriculum) == ("scaled", "hybrid")
     assert (config.llm.objective, config.llm.item_placement) == ("both", "before")
+
+
+def test_sampled_ranking_negatives_are_checked_and_name_the_split() -> None:
+    config = load_config(None, ["data.protocol=sampled-ranking", "data.negatives=popularity"])
+    assert config.data.protocol_params() == {"negatives": "popularity"}
+    assert (
+        load_config(None, ["data.protocol=sampled-ranking", "data.n_negatives=19"]).data.protocol_params()
+        == {}
+    )
+    with pytest.raises(ConfigError, match=r"<command line>.*data.negatives.*only sampled-ranking"):
+        load_config(None, ["data.protocol=next-item", "data.negatives=popularity"])
+    with pytest.raises(ConfigError, match=r"data.negatives.*must be one of"):
+        load_config(None, ["data.protocol=sampled-ranking", "data.negatives=hard"])
+    with pytest.raises(ConfigError, match=r"data.n_negatives"):
+        load_config(None, ["data.protocol=sampled-ranking", "data.n_negatives=0"])

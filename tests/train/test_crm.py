@@ -36,7 +36,12 @@ def _args(tmp_path: Path, protocol: str, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize(
     ("protocol", "metric", "chance"),
-    [("next-item", "HR@1", 1 / 20), ("full-ranking", "HR@10", 10 / 60), ("ctr", "AUC", 0.5)],
+    [
+        ("next-item", "HR@1", 1 / 20),
+        ("full-ranking", "HR@10", 10 / 60),
+        ("ctr", "AUC", 0.5),
+        ("sampled-ranking", "HR@1", 1 / 20),
+    ],
 )
 def test_train_and_eval_beat_chance(tmp_path: Path, capsys, protocol: str, metric: str, chance: float):
     assert main(_args(tmp_path, protocol, "train.epochs=15", "train.patience=0", "train.lr=5e-3")) == 0

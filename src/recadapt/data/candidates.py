@@ -1,7 +1,9 @@
-"""Negative sampling for next-item candidates: the target plus distinct uniform negatives per sample.
+"""Negative sampling for candidate lists: the target plus distinct negatives per sample, uniform or weighted
+(popularity-weighted negatives, as some sampled-ranking papers use).
 
 Its own module because it is the one costly random draw of a split, vectorised with rejection sampling and an
-exact fallback for small catalogues; :func:`recadapt.data.protocols.next_item` persists its result.
+exact fallback for small catalogues; :func:`recadapt.data.protocols.next_item` and
+:func:`~recadapt.data.protocols.sampled_ranking` persist its result.
 """
 
 from __future__ import annotations
@@ -23,12 +25,17 @@ def draw_candidates(
     n_items: int,
     n_candidates: int,
     rng: np.random.Generator,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Candidates ``(N, n_candidates)``: the target once plus distinct uniform negatives, shuffled per row.
+    """Candidates ``(N, n_candidates)``: the target once plus distinct negatives, shuffled per row.
 
-    Negatives are drawn uniformly without replacement from the items that are neither in the row's history nor
-    the target. Vectorised rejection sampling: all slots are drawn at once, and only slots that hit an
-    excluded item or repeat an earlier slot are redrawn (a relabelling argument shows the resulting set is
+    Negatives are drawn without replacement from the items that are neither in the row's history nor the
+    target: uniformly, or with ``weights`` (one non-negative number per item, e.g. training popularity) by
+    successive weighted draws (each negative drawn with probability proportional to its weight among the
+    eligible items not drawn yet; :func:`_draw_weighted`).
+
+    Uniform negatives use vectorised rejection sampling: all slots are drawn at once, and only slots that hit
+    an excluded item or repeat an earlier slot are redrawn (a relabelling argument shows the resulting set is
     uniform). Rows with little slack (few eligible items) are sampled exactly from a random ordering of the
     catalogue instead, so tiny catalogues never spin.
     """
@@ -53,13 +60,25 @@ def draw_candidates(
     excluded.sort()  # sort + neighbour mask: several times faster than np.unique's hashing here
     excluded = excluded[np.concatenate(([True], excluded[1:] != excluded[:-1]))]
     available = n_items - np.bincount(excluded // n_items, minlength=n_rows)
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != (n_items,) or not np.isfinite(weights).all() or (weights < 0).any():
+            raise ValueError(f"weights must be {n_items} finite non-negative numbers, one per item")
+        positive = weights > 0  # only items with weight can be drawn: count those per row
+        hits = np.bincount(excluded // n_items, weights=positive[excluded % n_items], minlength=n_rows)
+        available = int(positive.sum()) - hits.astype(np.int64)
     if available.min() < n_neg:
         row = int(available.argmin())
         raise ValueError(
             f"catalogue too small for {n_candidates} candidates: {n_items} items, but sample {row} has only "
-            f"{available[row]} items outside its history and target ({n_neg} negatives needed)"
+            f"{available[row]} items outside its history and target"
+            + (" with a positive weight" if weights is not None else "")
+            + f" ({n_neg} negatives needed)"
         )
 
+    if weights is not None:
+        negatives = _draw_weighted(excluded, weights, n_rows, n_neg, rng)
+        return rng.permuted(np.concatenate((targets[:, None], negatives), axis=1), axis=1)
     negatives = np.empty((n_rows, n_neg), dtype=np.int64)
     dense = available < _DENSE_FACTOR * n_neg
     if dense.any():
@@ -69,6 +88,51 @@ def draw_candidates(
         negatives[sparse] = _draw_rejection(sparse, excluded, n_items, n_neg, rng)
 
     return rng.permuted(np.concatenate((targets[:, None], negatives), axis=1), axis=1)
+
+
+# Weighted draws redrawn this many times before the rows still drawing switch to exact sampling.
+_WEIGHTED_ROUNDS = 32
+
+
+def _draw_weighted(
+    excluded: np.ndarray, weights: np.ndarray, n_rows: int, n_neg: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Successive weighted sampling without replacement, one slot at a time for all rows at once.
+
+    Slot ``s`` is drawn from ``weights`` and redrawn where it hits an excluded item or an earlier slot; as the
+    earlier slots are final, each accepted draw has exactly the conditional law of successive sampling. Rows
+    whose excluded items hold most of the mass (a heavy user of the popular items) stop being redrawn after
+    :data:`_WEIGHTED_ROUNDS` and are drawn exactly from their eligible items instead.
+    """
+    n_items = len(weights)
+    cdf = np.cumsum(weights / weights.sum())
+    cdf[-1] = 1.0
+
+    def draw(size: int) -> np.ndarray:
+        return np.minimum(np.searchsorted(cdf, rng.random(size), side="right"), n_items - 1)
+
+    out = np.empty((n_rows, n_neg), dtype=np.int64)
+    rows = np.arange(n_rows, dtype=np.int64)
+    for slot in range(n_neg):
+        todo = rows
+        for _ in range(_WEIGHTED_ROUNDS):
+            picks = draw(len(todo))
+            keys = todo * n_items + picks
+            pos = np.minimum(np.searchsorted(excluded, keys), len(excluded) - 1)
+            bad = (excluded[pos] == keys) | (weights[picks] <= 0)
+            bad |= (out[todo, :slot] == picks[:, None]).any(axis=1)
+            out[todo[~bad], slot] = picks[~bad]
+            todo = todo[bad]
+            if not len(todo):
+                break
+        for row in todo:  # exact: renormalise over this row's eligible items
+            mask = weights > 0
+            lo, hi = np.searchsorted(excluded, [row * n_items, (row + 1) * n_items])
+            mask[excluded[lo:hi] % n_items] = False
+            mask[out[row, :slot]] = False
+            p = np.where(mask, weights, 0.0)
+            out[row, slot] = rng.choice(n_items, p=p / p.sum())
+    return out
 
 
 def _draw_rejection(

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import recadapt
 from recadapt.data.protocols import PROTOCOLS
 from recadapt.data.schema import Dataset
-from recadapt.data.splits import CTR, FULL_RANKING, NEXT_ITEM, PARTS, Split
+from recadapt.data.splits import CTR, FULL_RANKING, NEXT_ITEM, PARTS, SAMPLED_RANKING, Split
 from recadapt.errors import DataFormatError
 from recadapt.io import atomic_directory, sha256_file
 
@@ -53,6 +53,12 @@ _SAMPLE_TYPES: dict[str, dict[str, pa.DataType]] = {
         "shot_rank": pa.int64(),
     },
     FULL_RANKING: {"user_id": pa.int64(), "history": _LIST_INT, "target": pa.int64()},
+    SAMPLED_RANKING: {
+        "user_id": pa.int64(),
+        "history": _LIST_INT,
+        "target": pa.int64(),
+        "candidates": _LIST_INT,
+    },
 }
 
 
@@ -86,8 +92,20 @@ def dataset_dirname(name: str) -> str:
     return safe
 
 
+def split_dirname(protocol: str, params: dict[str, Any] | None = None) -> str:
+    """The directory of a split: the protocol's name, with the parameters given away from their defaults appended
+    (``sampled-ranking``, ``sampled-ranking__n_negatives-99__negatives-popularity``), so splits built with
+    other parameters live side by side instead of replacing each other."""
+    defaults = {}
+    if protocol in PROTOCOLS:
+        defaults = {k: p.default for k, p in inspect.signature(PROTOCOLS[protocol]).parameters.items()}
+    named = sorted((k, v) for k, v in (params or {}).items() if defaults.get(k, inspect.Parameter.empty) != v)
+    return "__".join([protocol, *(f"{k}-{v}" for k, v in named)])
+
+
 def prepare(ds: Dataset, protocol: str, out_root: Path, seed: int = 0, **params: Any) -> Path:
-    """Build ``protocol``'s split of ``ds`` and persist it; returns ``<out_root>/<dataset>/<protocol>``.
+    """Build ``protocol``'s split of ``ds`` and persist it; returns ``<out_root>/<dataset>/<dirname>``
+    (:func:`split_dirname`: the protocol, plus ``params`` when given).
 
     ``seed`` and ``params`` go to the protocol function (``seed`` only where it draws anything).
     """
@@ -98,15 +116,17 @@ def prepare(ds: Dataset, protocol: str, out_root: Path, seed: int = 0, **params:
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise ValueError(f"protocol {protocol!r} has no parameters {unknown}; it takes {sorted(accepted)}")
+    dirname = split_dirname(protocol, params)
     if "seed" in accepted:
         params["seed"] = seed
     split = build(ds, **params)
-    return save_split(ds, split, out_root, seed=seed)
+    return save_split(ds, split, out_root, seed=seed, dirname=dirname)
 
 
-def save_split(ds: Dataset, split: Split, out_root: Path, seed: int = 0) -> Path:
-    """Persist an already built ``split`` of ``ds`` (see :func:`prepare`); returns the output directory."""
-    final = Path(out_root) / dataset_dirname(ds.name) / split.protocol
+def save_split(ds: Dataset, split: Split, out_root: Path, seed: int = 0, dirname: str | None = None) -> Path:
+    """Persist an already built ``split`` of ``ds`` (see :func:`prepare`); returns the output directory,
+    ``<out_root>/<dataset>/<dirname>`` (default: the protocol's name)."""
+    final = Path(out_root) / dataset_dirname(ds.name) / (dirname or split.protocol)
     with atomic_directory(final) as tmp:
         files: dict[str, str] = {}
         rows: dict[str, int] = {}

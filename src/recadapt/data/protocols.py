@@ -8,6 +8,8 @@ bit-for-bit and is persisted once (:mod:`recadapt.data.prepare`) for every metho
 * :func:`ctr` - ReLLa family: interactions split 8:1:1 by global time, label = rating > 3, the user's whole
   earlier history, and a fixed permutation of the training rows for nested few-shot subsets.
 * :func:`full_ranking` - Laser / DARec: leave-one-out per user over the whole catalogue.
+* :func:`sampled_ranking` - LLMRank, P5 and most sequential-recommendation papers: the same leave-one-out
+  split, each target ranked among N sampled negatives (default 19) persisted with the split.
 
 Sample schemas are those of ``docs/architecture.md``. List columns come back from pandas as object columns of
 read-only ``int64``/``float64`` NumPy arrays (what ``pd.read_parquet`` returns too), oldest item first, real
@@ -43,6 +45,7 @@ from recadapt.data.splits import (
     FULL_RANKING,
     NEXT_ITEM,
     PARTS,
+    SAMPLED_RANKING,
     Split,
     _by_user_time,
     _check_ratios,
@@ -346,4 +349,76 @@ def full_ranking(ds: Dataset, min_interactions: int = 5) -> Split:
     return Split(FULL_RANKING, params, parts, stats)
 
 
-PROTOCOLS = {NEXT_ITEM: next_item, CTR: ctr, FULL_RANKING: full_ranking}
+# ----------------------------------------------------------------------------------------------------------
+# sampled ranking (leave-one-out among sampled negatives: LLMRank, P5, SASRec-style tables)
+# ----------------------------------------------------------------------------------------------------------
+
+NEGATIVE_SAMPLERS = ("uniform", "popularity")
+
+
+def sampled_ranking(
+    ds: Dataset,
+    seed: int = 0,
+    n_negatives: int = 19,
+    negatives: str = "uniform",
+    min_interactions: int = 5,
+) -> Split:
+    """Leave-one-out per user in time order, each target ranked among itself and ``n_negatives`` negatives.
+
+    The samples are :func:`full_ranking`'s (test = (seq[:-1], seq[-1]), valid = (seq[:-2], seq[-2]), train =
+    (seq[:-3], seq[-3]), expanded into prefixes by CRM trainers), plus a ``candidates`` column: the target and
+    ``n_negatives`` distinct items the user never interacted with (none of the whole sequence, future items
+    included; with a published split, none of the row's history or target), shuffled. ``negatives``:
+    ``uniform`` over those items, or ``popularity``: successive draws weighted by each item's count in the
+    valid part's histories (the interactions before every user's last two), so an item no user has in
+    training is never a negative. Drawn once with ``seed`` (one stream per part) and persisted, so every
+    method ranks the same lists. ``ds.presplit["full-ranking"]`` (e.g. a RecBole split) is used as is.
+    """
+    if n_negatives < 1:
+        raise ValueError(f"n_negatives must be >= 1, got {n_negatives}")
+    if negatives not in NEGATIVE_SAMPLERS:
+        raise ValueError(f"negatives must be one of {NEGATIVE_SAMPLERS}, got {negatives!r}")
+    loo = full_ranking(ds, min_interactions=min_interactions)
+    params = {
+        "seed": seed,
+        "n_negatives": n_negatives,
+        "negatives": negatives,
+        "min_interactions": min_interactions,
+    }
+    weights = None
+    if negatives == "popularity":
+        _, seen = list_offsets_values(to_list_array(loo.parts["valid"]["history"]))
+        weights = np.bincount(seen, minlength=ds.n_items).astype(np.float64)
+    test = loo.parts["test"]
+    whole = None  # each user's whole sequence (test history + target) when the split is derived here
+    if not loo.stats["presplit"]:
+        offsets, values = list_offsets_values(to_list_array(test["history"]))
+        whole = _windows_with_targets(offsets, values, test["target"].to_numpy(np.int64))
+    parts = {}
+    for part in PARTS:
+        frame = loo.parts[part]
+        target = frame["target"].to_numpy(np.int64)
+        # excluded items: the whole sequence (the same users in the same order in every part) or the row's own
+        excluded = whole if whole is not None else to_list_array(frame["history"])
+        rng = _rng(seed, _STREAM_CANDIDATES[part])
+        candidates = draw_candidates(excluded, target, ds.n_items, n_negatives + 1, rng, weights=weights)
+        columns = {"user_id": frame["user_id"].to_numpy(np.int64), "history": to_list_array(frame["history"])}
+        columns |= {"target": target, "candidates": to_list_array(candidates)}
+        parts[part] = _frame(columns)
+    return Split(SAMPLED_RANKING, params, parts, dict(loo.stats))
+
+
+def _windows_with_targets(offsets: np.ndarray, values: np.ndarray, targets: np.ndarray) -> pa.Array:
+    """Each row's list with its target appended (a user's whole sequence from the test row)."""
+    lengths = np.diff(offsets)
+    new_offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths + 1, out=new_offsets[1:])
+    out = np.empty(new_offsets[-1], dtype=np.int64)
+    is_target = np.zeros(len(out), dtype=bool)
+    is_target[new_offsets[1:] - 1] = True
+    out[is_target] = targets
+    out[~is_target] = values
+    return list_array(new_offsets, out)
+
+
+PROTOCOLS = {NEXT_ITEM: next_item, CTR: ctr, FULL_RANKING: full_ranking, SAMPLED_RANKING: sampled_ranking}

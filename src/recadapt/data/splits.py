@@ -18,6 +18,10 @@ from recadapt.data.schema import Dataset
 
 PARTS = ("train", "valid", "test")
 NEXT_ITEM, CTR, FULL_RANKING = "next-item", "ctr", "full-ranking"
+SAMPLED_RANKING = "sampled-ranking"
+# protocols whose samples carry a persisted ``candidates`` list (the target among sampled negatives): every
+# method ranks exactly those, so they share one evaluation path
+CANDIDATE_PROTOCOLS = (NEXT_ITEM, SAMPLED_RANKING)
 
 # Independent random streams, so changing how one quantity is drawn never changes another.
 _STREAM_USERS, _STREAM_SHOTS = 0, 1
@@ -28,7 +32,7 @@ _STREAM_CANDIDATES = {"train": 2, "valid": 3, "test": 4}
 class Split:
     """A protocol's samples.
 
-    protocol: ``"next-item"``, ``"ctr"`` or ``"full-ranking"``.
+    protocol: ``"next-item"``, ``"ctr"``, ``"full-ranking"`` or ``"sampled-ranking"``.
     params: every parameter the split depends on (JSON-able), recorded in the manifest.
     parts: ``train`` / ``valid`` / ``test`` sample frames (schemas: ``docs/architecture.md``); read-only.
     stats: facts about the result that are not parameters (users dropped, whether a published split was used).

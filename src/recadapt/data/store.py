@@ -6,8 +6,9 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
-from recadapt.data.prepare import Prepared, dataset_dirname, load_prepared, prepare
+from recadapt.data.prepare import Prepared, dataset_dirname, load_prepared, prepare, split_dirname
 from recadapt.data.registry import load_dataset
 from recadapt.paths import cache_dir, data_dir
 
@@ -26,19 +27,26 @@ def ensure_prepared(
     out_root: str | Path | None = None,
     seed: int = 0,
     force: bool = False,
+    params: dict[str, Any] | None = None,
 ) -> Prepared:
-    """Load the persisted split for (dataset, protocol, seed), preparing it first when absent or stale."""
+    """Load the persisted split for (dataset, protocol, seed, params), preparing it first when absent or
+    stale. ``params`` are protocol parameters other than their defaults (e.g. ``{"negatives": "popularity"}``
+    for sampled-ranking); each set has its own directory (:func:`~recadapt.data.prepare.split_dirname`)."""
+    params = dict(params or {})
     root = prepared_root(out_root)
-    path = root / dataset_dirname(dataset) / protocol
+    path = root / dataset_dirname(dataset) / split_dirname(protocol, params)
     manifest = path / "manifest.json"
     if not force and manifest.exists():
         recorded = json.loads(manifest.read_text(encoding="utf-8"))
-        if recorded.get("seed") == seed:
+        recorded_params = recorded.get("params", {})
+        same = all(recorded_params.get(k) == v for k, v in params.items())
+        if recorded.get("seed") == seed and same:
             return load_prepared(path)
         log.info(
-            "prepared split at %s has seed %s, not %s: preparing again", path, recorded.get("seed"), seed
-        )
+            "prepared split at %s has seed %s and params %s, not %s and %s: preparing again",
+            path, recorded.get("seed"), recorded_params, seed, params,
+        )  # fmt: skip
     # the requested name (e.g. 'recbole:PATH/NAME') names the prepared directory and the manifest
     ds = dataclasses.replace(load_dataset(dataset, data_dir(data_root)), name=dataset)
-    written = prepare(ds, protocol, root, seed=seed)
+    written = prepare(ds, protocol, root, seed=seed, **params)
     return load_prepared(written)

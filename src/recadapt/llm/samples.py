@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from recadapt.data.prepare import Prepared
+from recadapt.data.splits import CANDIDATE_PROTOCOLS
 from recadapt.errors import ConfigError
 from recadapt.llm.encoding import EncodedBatch, ItemTokenizer, Tokenized
 from recadapt.llm.prompt_templates import load_templates
@@ -45,7 +46,8 @@ def resolve_domain(dataset: str, requested: str = "auto") -> str:
 
 
 class PromptFactory:
-    """Prompts and answers for the rows of one protocol part (next-item or ctr), titles from ``prepared.items``.
+    """Prompts and answers for the rows of one protocol part (next-item, sampled-ranking or ctr), titles from
+    ``prepared.items``.
 
     ``history_len`` caps a prompt's history at the most recent items; :meth:`prompt` can keep fewer (``n_history``)
     so a long sample fits the token budget.
@@ -61,8 +63,10 @@ class PromptFactory:
         item_placement: str = "after",
     ) -> None:
         self.protocol, self.part = prepared.protocol, part
-        if self.protocol not in ("next-item", "ctr"):
-            raise ValueError(f"LLM prompts exist for next-item and ctr, not {self.protocol}")
+        if self.protocol not in (*CANDIDATE_PROTOCOLS, "ctr"):
+            raise ValueError(f"LLM prompts exist for next-item, sampled-ranking and ctr, not {self.protocol}")
+        # next-item and sampled-ranking prompts list the persisted candidates; ctr asks Yes/No for the target
+        self.ranks_candidates = self.protocol in CANDIDATE_PROTOCOLS
         self.domain = load_templates(domain)
         self.frame = prepared.parts[part].reset_index(drop=True)
         self.titles = item_titles(prepared.items, prepared.n_items)
@@ -88,7 +92,7 @@ class PromptFactory:
         # ReLLa's retrieved view: positions into each full history (set by set_retrieval), else None
         self.retrieved: list[np.ndarray] | None = None
         self.profiles: dict[int, dict[str, Any]] = {}
-        if self.protocol == "next-item":
+        if self.ranks_candidates:
             self.candidates = [np.asarray(c, dtype=np.int64) for c in self.frame["candidates"]]
         else:
             self.labels = self.frame["label"].to_numpy(np.int64)
@@ -135,7 +139,7 @@ class PromptFactory:
         keep = len(history) if n_history is None else n_history
         history = history[len(history) - keep :]
         history_titles = [self.names[i] for i in history]
-        if self.protocol == "next-item":
+        if self.ranks_candidates:
             candidates = self.candidates[row]
             return build_next_item_prompt(
                 history_titles,
@@ -168,7 +172,7 @@ class PromptFactory:
 
     def template(self, row: int, *, seed: int, epoch: int) -> int:
         """The next-item template of ``row`` in ``epoch`` (a fresh seeded draw per epoch; ctr has one)."""
-        if self.protocol != "next-item":
+        if not self.ranks_candidates:
             return 0
         return pick_template_index(self.n_templates, seed=seed, sample_index=row, epoch=epoch)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Recipe = Literal["crm", "llm", "fullrank"]
-PROTOCOLS = ("next-item", "ctr", "full-ranking")
+PROTOCOLS = ("next-item", "ctr", "full-ranking", "sampled-ranking")
 
 
 @dataclass(frozen=True)
@@ -40,19 +40,23 @@ class Method:
         return f"configs/{self.name}.yaml"
 
 
-_PROMPTED = ("next-item", "ctr")
+# prompted methods rank the persisted candidates of next-item and sampled-ranking, or answer Yes/No for ctr;
+# full-catalogue methods rank every item, or only the sampled candidates
+_PROMPTED = ("next-item", "ctr", "sampled-ranking")
+_CANDIDATES = ("next-item", "sampled-ranking")
+_CATALOGUE = ("full-ranking", "sampled-ranking")
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("zero-shot", "llm", _PROMPTED, trains=False),
         Method("tallrec", "llm", _PROMPTED, paper="Bao et al. 2023"),
-        Method("llara", "llm", ("next-item",), needs_crm=True, hybrid=True, paper="Liao et al. 2024"),
+        Method("llara", "llm", _CANDIDATES, needs_crm=True, hybrid=True, paper="Liao et al. 2024"),
         Method("ilora", "llm", _PROMPTED, needs_crm=True, hybrid=True, paper="Kong et al. 2024"),
         Method("reclora", "llm", _PROMPTED, paper="Zhu et al. 2024"),
         Method("rella", "llm", _PROMPTED, paper="Lin et al. 2024"),
         Method("rellax", "llm", _PROMPTED, needs_crm=True, hybrid=True, paper="Shan et al. 2025"),
-        Method("laser", "fullrank", ("full-ranking",), needs_crm=True, paper="Zhang et al. 2024"),
-        Method("darec", "fullrank", ("full-ranking",), needs_crm=True, paper="Liu et al. 2024"),
+        Method("laser", "fullrank", _CATALOGUE, needs_crm=True, paper="Zhang et al. 2024"),
+        Method("darec", "fullrank", _CATALOGUE, needs_crm=True, paper="Liu et al. 2024"),
     )
 }
 

@@ -10,9 +10,10 @@ import torch
 
 from recadapt.data.arrays import list_offsets_values, to_list_array
 from recadapt.data.batching import pad_histories
+from recadapt.data.splits import CANDIDATE_PROTOCOLS
 from recadapt.tasks.metrics import Estimate, ctr_report, ranking_report, target_ranks
 
-RANKING_KS = {"next-item": (1, 5, 10), "full-ranking": (1, 5, 10, 20, 50)}
+RANKING_KS = {"next-item": (1, 5, 10), "full-ranking": (1, 5, 10, 20, 50), "sampled-ranking": (1, 5, 10, 20)}
 _STREAM_EVAL = 13  # the random stream of evaluation subsets (shared by every method)
 
 
@@ -49,21 +50,21 @@ def crm_scores(
     max_len: int,
     batch_size: int = 512,
 ) -> np.ndarray:
-    """Model outputs per protocol: candidate logits [N, 20] (next-item), catalogue logits with seen items set
-    to -inf [N, n_items] (full-ranking), or click probabilities [N] (ctr)."""
+    """Model outputs per protocol: candidate logits [N, C] (next-item, sampled-ranking), catalogue logits with
+    seen items set to -inf [N, n_items] (full-ranking), or click probabilities [N] (ctr)."""
     model.eval()
     history = torch.from_numpy(pad_histories(part["history"], max_len, n_items))
     target = torch.from_numpy(part["target"].to_numpy(np.int64, copy=True))
     user_id = torch.from_numpy(part["user_id"].to_numpy(np.int64, copy=True))
     outputs = []
-    if protocol == "next-item":
+    if protocol in CANDIDATE_PROTOCOLS:
         candidates = torch.from_numpy(_candidate_matrix(part))
     if protocol == "full-ranking":
         rows, items = _history_mask_coordinates(part["history"])
         row_starts = np.searchsorted(rows, np.arange(len(part) + 1))
     for sl in _batches(len(part), batch_size):
         batch = {"history": history[sl], "target": target[sl], "user_id": user_id[sl]}
-        if protocol == "next-item":
+        if protocol in CANDIDATE_PROTOCOLS:
             outputs.append(model.score_candidates(batch, candidates[sl]).float().numpy())
         elif protocol == "ctr":
             outputs.append(
@@ -86,13 +87,13 @@ def report_from_scores(
     users = part["user_id"].to_numpy()
     if protocol == "ctr":
         return ctr_report(part["label"].to_numpy(), scores, users, n_boot=n_boot, seed=seed)
-    if protocol == "next-item":
+    if protocol in CANDIDATE_PROTOCOLS:
         target_index = (_candidate_matrix(part) == part["target"].to_numpy()[:, None]).argmax(axis=1)
     else:
         target_index = part["target"].to_numpy()
     ranks = target_ranks(scores, target_index)
     report = ranking_report(ranks, users, ks=RANKING_KS[protocol], n_boot=n_boot, seed=seed)
-    if protocol == "next-item":
+    if protocol in CANDIDATE_PROTOCOLS:
         report["ValidRatio"] = Estimate(1.0, 1.0, 1.0)  # a scorer always names exactly one candidate
     return report
 

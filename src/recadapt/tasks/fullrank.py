@@ -1,5 +1,6 @@
 """Evaluation of a full-ranking LLM recommender (Laser, DARec): every user's target ranked over the whole
-catalogue by the model's user embedding against its item table, seen items excluded, as CRM full ranking does."""
+catalogue by the model's user embedding against its item table, seen items excluded, as CRM full ranking does;
+under sampled-ranking (parts with a ``candidates`` column) only among the persisted candidates."""
 
 from __future__ import annotations
 
@@ -53,9 +54,20 @@ def rank_part(
     for start in progress_bar(range(0, len(part), batch_size), desc=desc, enabled=progress, leave=False):
         users, _ = model.user_embeddings(histories[start : start + batch_size])
         scores.append(model.logits(users, table).float().cpu().numpy())
-    matrix = mask_seen_items(np.concatenate(scores), part)
-    ranks = target_ranks(matrix, part["target"].to_numpy())
-    return ranking_report(ranks, part["user_id"].to_numpy(), ks=RANKING_KS["full-ranking"], n_boot=n_boot)
+    return _report(np.concatenate(scores), part, n_boot)
+
+
+def _report(scores: np.ndarray, part: pd.DataFrame, n_boot: int) -> dict[str, Estimate]:
+    """Ranking metrics from catalogue scores ``[N, n_items]``: over the catalogue with seen items excluded, or,
+    for a sampled-ranking part, among each row's candidates (which never hold a seen item)."""
+    users = part["user_id"].to_numpy()
+    if "candidates" not in part.columns:
+        ranks = target_ranks(mask_seen_items(scores, part), part["target"].to_numpy())
+        return ranking_report(ranks, users, ks=RANKING_KS["full-ranking"], n_boot=n_boot)
+    candidates = np.stack(part["candidates"].to_numpy()).astype(np.int64)
+    target_index = (candidates == part["target"].to_numpy()[:, None]).argmax(axis=1)
+    ranks = target_ranks(np.take_along_axis(scores, candidates, axis=1), target_index)
+    return ranking_report(ranks, users, ks=RANKING_KS["sampled-ranking"], n_boot=n_boot)
 
 
 def subset(part: pd.DataFrame, n: int, split_seed: int) -> pd.DataFrame:
@@ -66,9 +78,8 @@ def popularity_report(
     train: pd.DataFrame, part: pd.DataFrame, n_items: int, n_boot: int
 ) -> dict[str, Estimate]:
     """The most-popular reference: every item ranked by its training count (histories and targets), seen items
-    excluded. What any model learns first, so a full-ranking method below it has learned nothing personal."""
+    excluded (or among the candidates, under sampled-ranking). What any model learns first, so a method below it
+    has learned nothing personal."""
     _, items = list_offsets_values(to_list_array(train["history"]))
     counts = np.bincount(np.concatenate([items, train["target"].to_numpy()]), minlength=n_items)
-    scores = mask_seen_items(np.tile(counts.astype(np.float64), (len(part), 1)), part)
-    ranks = target_ranks(scores, part["target"].to_numpy())
-    return ranking_report(ranks, part["user_id"].to_numpy(), ks=RANKING_KS["full-ranking"], n_boot=n_boot)
+    return _report(np.tile(counts.astype(np.float64), (len(part), 1)), part, n_boot)

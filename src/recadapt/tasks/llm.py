@@ -123,7 +123,7 @@ def evaluate_llm(
     for mode in modes:
         ranks = target_ranks(np.concatenate(scores[mode]), target_index)
         # generate and constrained name one candidate, so only HitRatio@1 is defined for them
-        ks = RANKING_KS["next-item"] if mode == "score" else (1,)
+        ks = RANKING_KS[factory.protocol] if mode == "score" else (1,)
         report = ranking_report(ranks, users, ks=ks, n_boot=n_boot, seed=seed)
         if mode != "score":
             report = {"HR@1": report["HR@1"]}

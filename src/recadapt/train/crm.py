@@ -1,4 +1,4 @@
-"""Training recipe for conventional recommenders (CRMs) under any of the three protocols.
+"""Training recipe for conventional recommenders (CRMs) under any of the protocols.
 
 Resumable: after every epoch the model, optimizer, trainer state and RNG states are written atomically to
 ``RUN_DIR/checkpoint``; the best model by the validation metric is kept in ``RUN_DIR/best`` (safetensors + JSON).
@@ -79,7 +79,7 @@ def training_tensors(prepared: Prepared, protocol: str, max_len: int) -> dict[st
     """All training samples as padded tensors (built once; batches are index slices)."""
     train = prepared.parts["train"]
     pad = prepared.n_items
-    if protocol == "full-ranking":
+    if protocol in ("full-ranking", "sampled-ranking"):  # leave-one-out: one training sample per prefix
         history, target, rows = expand_prefixes(
             train["history"], train["target"].to_numpy(), max_len, min_history=1, pad_id=pad, return_rows=True
         )
@@ -182,7 +182,12 @@ def _train_crm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
         torch.set_num_threads(config.train.num_threads)
     data, tc, protocol = config.data, config.train, config.data.protocol
     prepared = ensure_prepared(
-        data.dataset, protocol, data_root=data.data_dir, out_root=data.prepared_dir, seed=data.split_seed
+        data.dataset,
+        protocol,
+        data_root=data.data_dir,
+        out_root=data.prepared_dir,
+        seed=data.split_seed,
+        params=data.protocol_params(),
     )
     torch.manual_seed(tc.seed)
     model = build_crm(config.model_name, n_items=prepared.n_items, n_users=prepared.n_users, **options)
@@ -309,7 +314,12 @@ def evaluate_run(
     config = load_config(run_dir / "config.yaml")
     data = config.data
     prepared = ensure_prepared(
-        data.dataset, data.protocol, data_root=data.data_dir, out_root=data.prepared_dir, seed=data.split_seed
+        data.dataset,
+        data.protocol,
+        data_root=data.data_dir,
+        out_root=data.prepared_dir,
+        seed=data.split_seed,
+        params=data.protocol_params(),
     )
     model = load_crm(run_dir / "best")
     frame = prepared.parts[part]

@@ -91,9 +91,12 @@ def check_config(config: RunConfig) -> LLMConfig:
     """The llm section, after checking that the run asks only for what these methods do."""
     if method(config.model_name).recipe != "fullrank":
         raise config.error("model.name", f"{config.model_name!r} is not one of {methods_of('fullrank')}")
-    if config.data.protocol != "full-ranking":
+    if config.data.protocol not in method(config.model_name).protocols:
         raise ConfigError(
-            "config", "data.protocol", f"{config.model_name} ranks the whole catalogue: use full-ranking"
+            "config",
+            "data.protocol",
+            f"{config.model_name} ranks the whole catalogue or sampled candidates: use full-ranking or "
+            f"sampled-ranking, not {config.data.protocol}",
         )
     llm = config.llm or LLMConfig()
     defaults = LLMConfig()
@@ -189,7 +192,12 @@ def build_run(config: RunConfig, progress: bool = True) -> tuple[FullRankingMode
     llm = check_config(config)
     data = config.data
     prepared = ensure_prepared(
-        data.dataset, data.protocol, data_root=data.data_dir, out_root=data.prepared_dir, seed=data.split_seed
+        data.dataset,
+        data.protocol,
+        data_root=data.data_dir,
+        out_root=data.prepared_dir,
+        seed=data.split_seed,
+        params=data.protocol_params(),
     )
     torch.manual_seed(config.train.seed)
     model, stages = build_full_ranking(config, llm, prepared, progress=progress)

@@ -37,6 +37,7 @@ from recadapt.adapters.build import (
 from recadapt.cf.runs import CondSource, crm_item_table, load_crm_run, shuffled_item_map
 from recadapt.data.prepare import Prepared
 from recadapt.data.samplers import training_rows
+from recadapt.data.splits import CANDIDATE_PROTOCOLS
 from recadapt.data.store import ensure_prepared
 from recadapt.errors import ConfigError
 from recadapt.io import atomic_directory, write_json_atomic
@@ -98,12 +99,13 @@ def _check_config(config: RunConfig, llm: LLMConfig) -> None:
         raise config.error(
             "llm.history",
             "retrieval (SUBR) ranks history items by similarity to the target item, which only ctr gives; "
-            "use llm.history=recent for next-item",
+            f"use llm.history=recent for {protocol}",
         )
-    if llm.objective != "generative" and protocol != "next-item":
+    if llm.objective != "generative" and protocol not in CANDIDATE_PROTOCOLS:
         raise config.error(
             "llm.objective",
-            f"{llm.objective} ranks the 20 candidates of next-item; {protocol} trains generative",
+            f"{llm.objective} ranks a sample's persisted candidates (next-item, sampled-ranking); "
+            f"{protocol} trains generative",
         )
     if llm.init_lora_from and llm.adapter not in ("cf-lora", "moe-lora"):
         raise config.error(
@@ -231,6 +233,7 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
             data_root=data.data_dir,
             out_root=data.prepared_dir,
             seed=data.split_seed,
+            params=data.protocol_params(),
         )
     domain = resolve_domain(data.dataset, llm.domain)
     torch.manual_seed(tc.seed)  # LoRA and projector initialisation (a resumed run loads them anyway)
@@ -488,7 +491,12 @@ def evaluate_llm_run(
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     prepared = ensure_prepared(
-        data.dataset, data.protocol, data_root=data.data_dir, out_root=data.prepared_dir, seed=data.split_seed
+        data.dataset,
+        data.protocol,
+        data_root=data.data_dir,
+        out_root=data.prepared_dir,
+        seed=data.split_seed,
+        params=data.protocol_params(),
     )
     torch.manual_seed(config.train.seed)  # as in training: the same resized-embedding initialisation
     backbone = load_backbone(llm.backbone, dtype=llm.dtype, device=accelerator.device)

@@ -32,6 +32,7 @@ _RANKING_MONITORS = ("HR@{k}", "NDCG@{k}")
 MONITOR_METRICS: dict[str, tuple[str, ...]] = {
     "next-item": (*(m.format(k=k) for k in (1, 5, 10) for m in _RANKING_MONITORS), "MRR"),
     "full-ranking": (*(m.format(k=k) for k in (1, 5, 10, 20, 50) for m in _RANKING_MONITORS), "MRR"),
+    "sampled-ranking": (*(m.format(k=k) for k in (1, 5, 10, 20) for m in _RANKING_MONITORS), "MRR"),
     "ctr": ("AUC", "Accuracy"),
 }
 
@@ -80,11 +81,33 @@ class DataConfig:
     data_dir: str | None = None  # None: $RECADAPT_DATA, else ~/.cache/recadapt/data
     prepared_dir: str | None = None  # None: <cache>/prepared
     split_seed: int = 0  # seed of the persisted split and candidates (kept fixed across training seeds)
+    # sampled-ranking only: negatives per target, drawn uniform or by training popularity
+    n_negatives: int = 19
+    negatives: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ConfigError("config", "data.protocol", f"must be one of {PROTOCOLS}, got {self.protocol!r}")
         _check_min("data.split_seed", self.split_seed, 0)  # numpy seeds are non-negative
+        _check_min("data.n_negatives", self.n_negatives, 1)
+        if self.negatives not in NEGATIVE_SAMPLERS:
+            raise ConfigError(
+                "config", "data.negatives", f"must be one of {NEGATIVE_SAMPLERS}, got {self.negatives!r}"
+            )
+        if self.protocol != "sampled-ranking":
+            for name, default in _SAMPLED_DEFAULTS.items():
+                if getattr(self, name) != default:
+                    raise ConfigError(
+                        "config", f"data.{name}", f"only sampled-ranking draws negatives, not {self.protocol}"
+                    )
+
+    def protocol_params(self) -> dict[str, int | str]:
+        """The protocol parameters set away from their defaults (they name the prepared split's directory)."""
+        return {k: getattr(self, k) for k, v in _SAMPLED_DEFAULTS.items() if getattr(self, k) != v}
+
+
+NEGATIVE_SAMPLERS = ("uniform", "popularity")  # as recadapt.data.protocols.NEGATIVE_SAMPLERS
+_SAMPLED_DEFAULTS = {"n_negatives": 19, "negatives": "uniform"}
 
 
 @dataclass
