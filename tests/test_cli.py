@@ -42,3 +42,23 @@ def test_unknown_dataset_is_a_one_line_error(tmp_path: Path, capsys):
     assert main(["data", "prepare", "--dataset", "nope", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "ml-100k" in err  # the message lists the known datasets
+
+
+def test_data_stats_and_prepare_with_kcore_and_popularity_negatives(tmp_path: Path, capsys):
+    import json
+
+    assert main(["data", "stats", "--dataset", f"recbole:{FIXTURE}", "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert main(["data", "stats", "--dataset", f"recbole:{FIXTURE}", "--kcore", "16", "--json"]) == 0
+    core = json.loads(capsys.readouterr().out)
+    assert core["interactions"] < full["interactions"] and core["per_item"]["min"] >= 16
+    assert core["per_user"]["min"] >= 16
+    args = ["data", "prepare", "--dataset", f"recbole:{FIXTURE}", "--out", str(tmp_path), "--kcore", "16"]
+    assert (
+        main([*args, "--protocol", "sampled-ranking", "--negatives", "popularity", "--n-negatives", "9"]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert f"{core['users']:,} users, {core['items']:,} items" in printed
+    (folder,) = tmp_path.iterdir()
+    assert folder.name.endswith("__16core")
+    assert [p.name for p in folder.iterdir()] == ["sampled-ranking__n_negatives-9__negatives-popularity"]

@@ -47,6 +47,22 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stats(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from recadapt.data.filters import dataset_stats, format_stats, kcore
+    from recadapt.data.registry import load_dataset
+    from recadapt.paths import data_dir
+
+    ds = load_dataset(args.dataset, data_dir(args.data_dir), verify=not args.no_verify)
+    # statistics only: a published split (which a k-core would invalidate) does not matter here
+    stats = dataset_stats(kcore(dataclasses.replace(ds, presplit={}), args.kcore))
+    if args.kcore > 1:
+        stats["dataset"] = f"{args.dataset} ({args.kcore}-core)"
+    print(json.dumps(stats) if args.json else format_stats(stats))
+    return 0
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from recadapt.data.store import ensure_prepared, prepared_root
 
@@ -63,6 +79,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             seed=args.seed,
             force=args.force,
             params=sampled if protocol == "sampled-ranking" else None,
+            kcore=args.kcore,
         )
         rows = ", ".join(f"{k} {len(v):,}" for k, v in prepared.parts.items())
         print(
@@ -225,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_cmd_synth)
 
+    stats = data.add_parser("stats", help="users, items, interactions, density, activity distribution")
+    stats.add_argument("--dataset", required=True, help="ml-100k, lastfm, ml-1m, ... or recbole:PATH/NAME")
+    stats.add_argument("--data-dir")
+    stats.add_argument("--kcore", type=int, default=0, help="statistics of the k-core (users and items >= k)")
+    stats.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    stats.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
+    stats.set_defaults(func=_cmd_stats)
+
     prep = data.add_parser("prepare", help="build and persist a protocol split (deterministic)")
     prep.add_argument("--dataset", required=True, help="ml-100k, lastfm, ml-1m-ctr, ... or recbole:PATH/NAME")
     prep.add_argument("--protocol", nargs="+", default=["next-item"], choices=PROTOCOLS)
@@ -233,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--negatives", choices=NEGATIVE_SAMPLERS, help="sampled-ranking: uniform (default) or popularity"
     )
     prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--kcore", type=int, default=0, help="keep the k-core first (users and items >= k)")
     prep.add_argument("--data-dir")
     prep.add_argument("--out", help="prepared root (default ~/.cache/recadapt/prepared)")
     prep.add_argument("--force", action="store_true", help="prepare again even if a matching split exists")

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from recadapt.data.filters import kcore as kcore_filter
 from recadapt.data.prepare import Prepared, dataset_dirname, load_prepared, prepare, split_dirname
 from recadapt.data.registry import load_dataset
 from recadapt.paths import cache_dir, data_dir
@@ -28,13 +29,17 @@ def ensure_prepared(
     seed: int = 0,
     force: bool = False,
     params: dict[str, Any] | None = None,
+    kcore: int = 0,
 ) -> Prepared:
     """Load the persisted split for (dataset, protocol, seed, params), preparing it first when absent or
     stale. ``params`` are protocol parameters other than their defaults (e.g. ``{"negatives": "popularity"}``
-    for sampled-ranking); each set has its own directory (:func:`~recadapt.data.prepare.split_dirname`)."""
+    for sampled-ranking); each set has its own directory (:func:`~recadapt.data.prepare.split_dirname`).
+    ``kcore > 1`` splits the dataset's k-core (:func:`~recadapt.data.filters.kcore`), kept under
+    ``<dataset>__<k>core``."""
     params = dict(params or {})
     root = prepared_root(out_root)
-    path = root / dataset_dirname(dataset) / split_dirname(protocol, params)
+    name = f"{dataset}__{kcore}core" if kcore > 1 else dataset
+    path = root / dataset_dirname(name) / split_dirname(protocol, params)
     manifest = path / "manifest.json"
     if not force and manifest.exists():
         recorded = json.loads(manifest.read_text(encoding="utf-8"))
@@ -47,6 +52,6 @@ def ensure_prepared(
             path, recorded.get("seed"), recorded_params, seed, params,
         )  # fmt: skip
     # the requested name (e.g. 'recbole:PATH/NAME') names the prepared directory and the manifest
-    ds = dataclasses.replace(load_dataset(dataset, data_dir(data_root)), name=dataset)
+    ds = dataclasses.replace(kcore_filter(load_dataset(dataset, data_dir(data_root)), kcore), name=name)
     written = prepare(ds, protocol, root, seed=seed, **params)
     return load_prepared(written)

@@ -188,6 +188,7 @@ def _train_crm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
         out_root=data.prepared_dir,
         seed=data.split_seed,
         params=data.protocol_params(),
+        kcore=data.kcore,
     )
     torch.manual_seed(tc.seed)
     model = build_crm(config.model_name, n_items=prepared.n_items, n_users=prepared.n_users, **options)
@@ -320,6 +321,7 @@ def evaluate_run(
         out_root=data.prepared_dir,
         seed=data.split_seed,
         params=data.protocol_params(),
+        kcore=data.kcore,
     )
     model = load_crm(run_dir / "best")
     frame = prepared.parts[part]

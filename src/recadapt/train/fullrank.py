@@ -198,6 +198,7 @@ def build_run(config: RunConfig, progress: bool = True) -> tuple[FullRankingMode
         out_root=data.prepared_dir,
         seed=data.split_seed,
         params=data.protocol_params(),
+        kcore=data.kcore,
     )
     torch.manual_seed(config.train.seed)
     model, stages = build_full_ranking(config, llm, prepared, progress=progress)

@@ -234,6 +234,7 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
             out_root=data.prepared_dir,
             seed=data.split_seed,
             params=data.protocol_params(),
+            kcore=data.kcore,
         )
     domain = resolve_domain(data.dataset, llm.domain)
     torch.manual_seed(tc.seed)  # LoRA and projector initialisation (a resumed run loads them anyway)
@@ -497,6 +498,7 @@ def evaluate_llm_run(
         out_root=data.prepared_dir,
         seed=data.split_seed,
         params=data.protocol_params(),
+        kcore=data.kcore,
     )
     torch.manual_seed(config.train.seed)  # as in training: the same resized-embedding initialisation
     backbone = load_backbone(llm.backbone, dtype=llm.dtype, device=accelerator.device)

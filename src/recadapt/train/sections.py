@@ -84,12 +84,14 @@ class DataConfig:
     # sampled-ranking only: negatives per target, drawn uniform or by training popularity
     n_negatives: int = 19
     negatives: str = "uniform"
+    kcore: int = 0  # > 1: keep the k-core (users and items with >= k interactions, repeated) before splitting
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ConfigError("config", "data.protocol", f"must be one of {PROTOCOLS}, got {self.protocol!r}")
         _check_min("data.split_seed", self.split_seed, 0)  # numpy seeds are non-negative
         _check_min("data.n_negatives", self.n_negatives, 1)
+        _check_min("data.kcore", self.kcore, 0)
         if self.negatives not in NEGATIVE_SAMPLERS:
             raise ConfigError(
                 "config", "data.negatives", f"must be one of {NEGATIVE_SAMPLERS}, got {self.negatives!r}"
