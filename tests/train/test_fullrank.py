@@ -25,6 +25,7 @@ from tiny_llm import save_tiny_backbone
 from recadapt.cli import main
 from recadapt.errors import ConfigError
 from recadapt.train.config import load_config
+from recadapt.train.fullrank import check_config
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "fixtures" / "recbole" / "patterns" / "patterns"
@@ -323,3 +324,20 @@ def test_the_shuffled_crm_probe_reaches_the_full_ranking_methods(
     assert reports[()] == _metrics(workdir / "runs" / run)["test"]
     plain, shuffled = recorded
     assert plain.shape == shuffled.shape and not np.allclose(plain, shuffled, atol=1e-3)
+
+
+def test_laser_ranks_only_the_sampled_candidates_under_sampled_ranking(workdir: Path, capsys) -> None:
+    """A catalogue model scores every item; under sampled-ranking only the persisted candidates are ranked, so
+    with 10 candidates HR@10 is 1 and the list's metrics stop at K = 20."""
+    overrides = ("data.protocol=sampled-ranking", "data.n_negatives=9")
+    assert main(_args(workdir, "laser", "laser-sampled", *overrides)) == 0
+    run_dir = workdir / "runs" / "laser-sampled"
+    metrics = _metrics(run_dir)
+    assert metrics["protocol"] == "sampled-ranking"
+    assert set(metrics["test"]) == {"MRR", *(f"{m}@{k}" for m in ("HR", "NDCG") for k in (1, 5, 10, 20))}
+    assert metrics["test"]["HR@10"]["value"] == 1.0 and metrics["test"]["HR@1"]["value"] < 1.0
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == metrics["test"]
+    with pytest.raises(ConfigError, match="full-ranking or sampled-ranking, not next-item"):
+        check_config(_config(workdir, "laser", "laser-next", "data.protocol=next-item"))

@@ -857,3 +857,35 @@ def test_the_listwise_objective_trains_every_cf_method_and_ctr_refuses_it(workdi
             [f"data.dataset=recbole:{FIXTURE}", "data.protocol=ctr", "llm.objective=listwise"],
         )
         train_llm(config)
+
+
+def test_llara_ranks_sampled_ranking_candidates_in_every_mode_and_reloads(workdir: Path, capsys) -> None:
+    """Under sampled-ranking an LLM ranks the persisted leave-one-out candidates exactly as it ranks next-item's:
+    every mode reports its metrics (score mode up to HR@20, the whole list) and a reloaded run reproduces them."""
+    crm_run = _train_tiny_sasrec(workdir, "sasrec-sampled", "data.protocol=sampled-ranking")
+    extra = [
+        f"llm.crm_run={crm_run}",
+        "llm.train_samples=8",
+        "llm.eval_samples=6",
+        "llm.epochs=1",
+        "llm.checkpoint_every=50",
+        "llm.eval_modes=[score,constrained,generate]",
+        "llm.max_new_tokens=8",
+        "train.max_len=3",
+        "data.n_negatives=9",
+    ]
+    assert main(_args(workdir, "llara", "llara-sampled", *extra, protocol="sampled-ranking")) == 0
+    run_dir = workdir / "runs" / "llara-sampled"
+    metrics = _metrics(run_dir)
+    assert metrics["protocol"] == "sampled-ranking" and metrics["test_samples"] == 6
+    by_mode = metrics["test_by_mode"]
+    assert set(by_mode) == {"score", "constrained", "generate"}
+    assert {"HR@1", "HR@5", "HR@10", "HR@20", "NDCG@20", "MRR"} <= set(by_mode["score"])
+    assert by_mode["score"]["HR@10"]["value"] == 1.0  # 10 candidates: the target is always in the top 10
+    assert by_mode["constrained"]["ValidRatio"]["value"] == 1.0
+    prepared = {p.name for p in (workdir / "prepared").glob("*/*")}
+    assert "sampled-ranking__n_negatives-9" in prepared
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--json", "--mode", "score"]) == 0
+    reloaded = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert reloaded == {"score": by_mode["score"]}
