@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from recadapt.data.fetch import FetchError
+from recadapt.data.fetch import FETCHABLE, FetchError
 from recadapt.errors import (
     BackboneError,
     CheckpointError,
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="data_command", required=True
     )
     fetch = data.add_parser("fetch", help="download a dataset from its original distributor and verify it")
-    fetch.add_argument("name", choices=["ml-100k"])
+    fetch.add_argument("name", choices=list(FETCHABLE))
     fetch.add_argument("--data-dir", help="data root (default: $RECADAPT_DATA or ~/.cache/recadapt/data)")
     fetch.add_argument("--url", help="override the download URL (mirrors, tests)")
     fetch.set_defaults(func=_cmd_fetch)
@@ -251,7 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(func=_cmd_stats)
 
     prep = data.add_parser("prepare", help="build and persist a protocol split (deterministic)")
-    prep.add_argument("--dataset", required=True, help="ml-100k, lastfm, ml-1m-ctr, ... or recbole:PATH/NAME")
+    prep.add_argument(
+        "--dataset",
+        required=True,
+        help="ml-100k, lastfm, ml-1m, ml-25m, ... recbole:PATH/NAME or amazon2018:PATH/CATEGORY",
+    )
     prep.add_argument("--protocol", nargs="+", default=["next-item"], choices=PROTOCOLS)
     prep.add_argument("--n-negatives", type=int, help="sampled-ranking: negatives per target (default 19)")
     prep.add_argument(

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import functools
-import http.server
-import threading
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,31 +14,10 @@ from recadapt.data.fetch import ML100K_SHA256, FetchError, fetch_dataset
 FILES = ("README", "u.data", "u.genre", "u.info", "u.item", "u.occupation", "u.user")
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[[bytes], str]]:
-    """Start a server on 127.0.0.1 (ephemeral port); ``serve(archive_bytes)`` returns its URL."""
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(_QuietHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-
-    def publish(archive: bytes) -> str:
-        (root / "ml-100k.zip").write_bytes(archive)
-        return f"http://127.0.0.1:{server.server_address[1]}/ml-100k.zip"
-
-    try:
-        yield publish
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+def serve(publish: Callable[[str, bytes], str]) -> Callable[[bytes], str]:
+    """``serve(archive_bytes)`` publishes ``ml-100k.zip`` on 127.0.0.1 and returns its URL."""
+    return functools.partial(publish, "ml-100k.zip")
 
 
 def build_zip(shared_data: Path, tmp_path: Path, change: dict[str, bytes] | None = None) -> bytes:

@@ -341,7 +341,9 @@ def test_steam_llara_test(steam_test: Dataset) -> None:
 def test_registry(shared_data: Path, fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_dataset("ml-100k", shared_data).n_users == 943
     assert load_dataset("steam-llara-test", shared_data).name == "steam-llara-test"
-    with pytest.raises(ValueError, match="known: ml-100k, lastfm, ml-1m-ctr"):
+    with pytest.raises(ValueError, match="known: ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, lastfm, ml-1m-ctr"):
+        load_dataset("ml-30m", shared_data)
+    with pytest.raises(FileNotFoundError, match="ml-20m/ratings.csv"):  # a known name whose files are absent
         load_dataset("ml-20m", shared_data)
     assert "recbole:PATH/NAME" in known_datasets()
     monkeypatch.chdir(fixtures_dir)

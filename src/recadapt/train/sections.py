@@ -24,6 +24,7 @@ CURRICULA = ("linear", "hybrid")
 ITEM_PLACEMENTS = ("after", "before")  # as recadapt.llm.prompts.ITEM_PLACEMENTS
 OBJECTIVES = ("generative", "listwise", "both")
 PRECISIONS = ("auto", "bf16", "fp16", "no")
+AMAZON_PREFIX = "amazon2018:"  # as recadapt.data.registry
 RECBOLE_PREFIX = "recbole:"  # as recadapt.data.registry (not imported: it loads the readers)
 _RANKING_MONITORS = ("HR@{k}", "NDCG@{k}")
 # validation metrics train.monitor may name, per protocol: the keys of recadapt.tasks.evaluate.report_from_scores
@@ -65,12 +66,15 @@ def path_component_problem(value: str) -> str | None:
 
 
 def dataset_label(dataset: str) -> str:
-    """The dataset's part of a derived run name: its registry name, or NAME for ``recbole:PATH/NAME``.
+    """The dataset's part of a derived run name: its registry name, NAME for ``recbole:PATH/NAME``, or
+    ``amazon2018-CATEGORY`` for ``amazon2018:PATH/CATEGORY`` (the readers' ``Dataset.name``).
 
     NAME is the last path component, as ``recadapt.data.readers.recbole.locate`` names the dataset's files.
     """
     if dataset.startswith(RECBOLE_PREFIX):
         return Path(dataset[len(RECBOLE_PREFIX) :]).name
+    if dataset.startswith(AMAZON_PREFIX):
+        return "amazon2018-" + Path(dataset[len(AMAZON_PREFIX) :]).name
     return dataset
 
 
