@@ -16,7 +16,7 @@ def test_every_method_has_its_config_and_the_fullrank_ones_a_builder() -> None:
     for name, spec in METHODS.items():
         assert (REPO / spec.config).exists(), f"{name}: no {spec.config}"
         assert load_config(REPO / spec.config).model_name == name
-        assert set(spec.protocols) <= {"next-item", "ctr", "full-ranking"}
+        assert set(spec.protocols) <= {"next-item", "ctr", "full-ranking", "sampled-ranking"}
     assert set(methods_of("fullrank")) == set(FULL_RANKING_BUILDERS)
 
 
@@ -29,4 +29,4 @@ def test_a_name_without_a_row_is_a_conventional_recommender() -> None:
 def test_traits_replace_the_old_lists() -> None:
     assert {n for n, m in METHODS.items() if m.hybrid} == {"llara", "ilora", "rellax"}
     assert {n for n, m in METHODS.items() if not m.trains} == {"zero-shot"}
-    assert method("llara").protocols == ("next-item",)
+    assert method("llara").protocols == ("next-item", "sampled-ranking")
