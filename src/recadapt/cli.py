@@ -138,6 +138,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
     recipe = method(load_config(run_dir / "config.yaml").model_name).recipe
+    if recipe != "crm" and (args.negatives or args.n_negatives):
+        raise ValueError(
+            "--negatives and --n-negatives apply to conventional recommenders' sampled-ranking runs"
+        )
     if recipe == "fullrank":
         from recadapt.train.fullrank import evaluate_fullrank_run
 
@@ -172,7 +176,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(
                 "--mode and --shuffle-crm apply to LLM runs; a conventional recommender scores every candidate"
             )
-        reports = {"": evaluate_run(run_dir, part=args.part, n_boot=args.n_boot, samples=args.samples or 0)}
+        negatives = {"negatives": args.negatives, "n_negatives": args.n_negatives}
+        negatives = {k: v for k, v in negatives.items() if v is not None}
+        reports = {
+            "": evaluate_run(
+                run_dir, part=args.part, n_boot=args.n_boot, samples=args.samples or 0, negatives=negatives
+            )
+        }
     for mode, report in reports.items():
         label = f"{args.part} {mode}".strip() if mode and mode != "ctr" else args.part
         for name, est in report.items():
@@ -295,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="CRM runs: evaluate on the fixed subset of N rows an LLM run uses with llm.eval_samples=N",
     )
+    ev.add_argument(
+        "--negatives",
+        choices=NEGATIVE_SAMPLERS,
+        help="sampled-ranking CRM runs: score on these negatives instead (e.g. popularity)",
+    )
+    ev.add_argument("--n-negatives", type=int, help="sampled-ranking CRM runs: this many negatives instead")
     ev.add_argument(
         "--mode",
         nargs="+",

@@ -70,6 +70,19 @@ def test_train_and_eval_beat_chance(tmp_path: Path, capsys, protocol: str, metri
         assert main(["eval", str(run_dir), "--n-boot", "20", "--samples", "7", "--json"]) == 0
         subsets.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])[metric]["value"])
     assert subsets[0] == subsets[1]
+    # sampled-ranking: the same model on popularity-sampled candidates, a split of its own beside the uniform one
+    if protocol == "sampled-ranking":
+        assert main(["eval", str(run_dir), "--n-boot", "20", "--negatives", "popularity", "--json"]) == 0
+        popular = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert set(popular) == set(metrics["test"]) and popular["HR@20"]["value"] == 1.0
+        assert any(popular[k]["value"] != metrics["test"][k]["value"] for k in popular)  # other candidates
+        assert {p.name for p in (tmp_path / "prepared").glob("*/sampled-ranking*")} == {
+            "sampled-ranking",
+            "sampled-ranking__negatives-popularity",
+        }
+    else:
+        assert main(["eval", str(run_dir), "--negatives", "popularity"]) != 0
+        assert "apply to sampled-ranking runs" in capsys.readouterr().err
 
 
 def test_bad_override_is_a_clear_error(tmp_path: Path, capsys):

@@ -306,14 +306,24 @@ def _train_crm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
 
 
 def evaluate_run(
-    run_dir: Path, part: str = "test", n_boot: int | None = None, samples: int = 0
+    run_dir: Path,
+    part: str = "test",
+    n_boot: int | None = None,
+    samples: int = 0,
+    negatives: dict[str, Any] | None = None,
 ) -> dict[str, Estimate]:
     """Re-evaluate a finished run's best model on a part of its persisted split (``n_boot``: the run's);
-    ``samples`` > 0 keeps the fixed subset an LLM run evaluated with ``llm.eval_samples`` = ``samples``."""
+    ``samples`` > 0 keeps the fixed subset an LLM run evaluated with ``llm.eval_samples`` = ``samples``.
+    ``negatives`` (sampled-ranking runs: ``negatives``, ``n_negatives``) scores the same model on other
+    candidate lists of the same split, e.g. popularity-sampled ones (the training rows do not depend on them)."""
     from recadapt.train.config import load_config
 
     config = load_config(run_dir / "config.yaml")
     data = config.data
+    if negatives:
+        if data.protocol != "sampled-ranking":
+            raise ValueError(f"{run_dir}: other negatives apply to sampled-ranking runs, not {data.protocol}")
+        data = dataclasses.replace(data, **negatives)  # validated again by DataConfig
     prepared = ensure_prepared(
         data.dataset,
         data.protocol,
