@@ -55,3 +55,17 @@ def ensure_prepared(
     ds = dataclasses.replace(kcore_filter(load_dataset(dataset, data_dir(data_root)), kcore), name=name)
     written = prepare(ds, protocol, root, seed=seed, **params)
     return load_prepared(written)
+
+
+def prepared_for(data: Any) -> Prepared:
+    """The persisted split a run's ``data`` section (:class:`recadapt.train.sections.DataConfig`) names: its
+    dataset, protocol, split seed, protocol parameters and k-core, prepared first when absent or stale."""
+    return ensure_prepared(
+        data.dataset,
+        data.protocol,
+        data_root=data.data_dir,
+        out_root=data.prepared_dir,
+        seed=data.split_seed,
+        params=data.protocol_params(),
+        kcore=data.kcore,
+    )

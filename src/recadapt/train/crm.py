@@ -23,7 +23,7 @@ from recadapt.cf import CRM_REGISTRY, build_crm
 from recadapt.cf.checkpoint import load_crm, save_crm
 from recadapt.data.batching import expand_prefixes, pad_histories
 from recadapt.data.prepare import Prepared
-from recadapt.data.store import ensure_prepared
+from recadapt.data.store import prepared_for
 from recadapt.errors import ConfigError, NonFiniteLossError
 from recadapt.io import atomic_directory, write_json_atomic
 from recadapt.progress import progress_bar
@@ -181,15 +181,7 @@ def _train_crm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     data, tc, protocol = config.data, config.train, config.data.protocol
-    prepared = ensure_prepared(
-        data.dataset,
-        protocol,
-        data_root=data.data_dir,
-        out_root=data.prepared_dir,
-        seed=data.split_seed,
-        params=data.protocol_params(),
-        kcore=data.kcore,
-    )
+    prepared = prepared_for(data)
     torch.manual_seed(tc.seed)
     model = build_crm(config.model_name, n_items=prepared.n_items, n_users=prepared.n_users, **options)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -324,15 +316,7 @@ def evaluate_run(
         if data.protocol != "sampled-ranking":
             raise ValueError(f"{run_dir}: other negatives apply to sampled-ranking runs, not {data.protocol}")
         data = dataclasses.replace(data, **negatives)  # validated again by DataConfig
-    prepared = ensure_prepared(
-        data.dataset,
-        data.protocol,
-        data_root=data.data_dir,
-        out_root=data.prepared_dir,
-        seed=data.split_seed,
-        params=data.protocol_params(),
-        kcore=data.kcore,
-    )
+    prepared = prepared_for(data)
     model = load_crm(run_dir / "best")
     frame = prepared.parts[part]
     frame = frame.iloc[evaluation_rows(len(frame), samples, data.split_seed)].reset_index(drop=True)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from recadapt.data.batching import expand_prefixes
 from recadapt.data.prepare import Prepared
-from recadapt.data.store import ensure_prepared
+from recadapt.data.store import prepared_for
 from recadapt.errors import ConfigError, NonFiniteLossError
 from recadapt.io import atomic_directory, write_json_atomic
 from recadapt.methods.base import FullRankingModel, Stage
@@ -191,15 +191,7 @@ def build_run(config: RunConfig, progress: bool = True) -> tuple[FullRankingMode
 
     llm = check_config(config)
     data = config.data
-    prepared = ensure_prepared(
-        data.dataset,
-        data.protocol,
-        data_root=data.data_dir,
-        out_root=data.prepared_dir,
-        seed=data.split_seed,
-        params=data.protocol_params(),
-        kcore=data.kcore,
-    )
+    prepared = prepared_for(data)
     torch.manual_seed(config.train.seed)
     model, stages = build_full_ranking(config, llm, prepared, progress=progress)
     return model, prepared, stages

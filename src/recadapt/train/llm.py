@@ -38,7 +38,7 @@ from recadapt.cf.runs import CondSource, crm_item_table, load_crm_run, shuffled_
 from recadapt.data.prepare import Prepared
 from recadapt.data.samplers import training_rows
 from recadapt.data.splits import CANDIDATE_PROTOCOLS
-from recadapt.data.store import ensure_prepared
+from recadapt.data.store import prepared_for
 from recadapt.errors import ConfigError
 from recadapt.io import atomic_directory, write_json_atomic
 from recadapt.llm.encoding import ItemTokenizer
@@ -227,15 +227,7 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
                 stale.unlink(missing_ok=True)
 
     with accelerator.main_process_first():
-        prepared = ensure_prepared(
-            data.dataset,
-            data.protocol,
-            data_root=data.data_dir,
-            out_root=data.prepared_dir,
-            seed=data.split_seed,
-            params=data.protocol_params(),
-            kcore=data.kcore,
-        )
+        prepared = prepared_for(data)
     domain = resolve_domain(data.dataset, llm.domain)
     torch.manual_seed(tc.seed)  # LoRA and projector initialisation (a resumed run loads them anyway)
     backbone = load_backbone(llm.backbone, dtype=llm.dtype, device=accelerator.device)
@@ -491,15 +483,7 @@ def evaluate_llm_run(
     accelerator = make_accelerator(select_precision(PartialState().device, llm.precision)[0])
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
-    prepared = ensure_prepared(
-        data.dataset,
-        data.protocol,
-        data_root=data.data_dir,
-        out_root=data.prepared_dir,
-        seed=data.split_seed,
-        params=data.protocol_params(),
-        kcore=data.kcore,
-    )
+    prepared = prepared_for(data)
     torch.manual_seed(config.train.seed)  # as in training: the same resized-embedding initialisation
     backbone = load_backbone(llm.backbone, dtype=llm.dtype, device=accelerator.device)
     encoder = ItemTokenizer(backbone.tokenizer, model=backbone.model)
