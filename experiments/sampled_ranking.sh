@@ -20,8 +20,9 @@ for dataset in ml-100k "recbole:$SYNTH"; do
     --data-dir "$DATA" $SASREC output_dir=$OUT name=$name > "$OUT/logs/$name.log" 2>&1
   # the same model on the popularity-sampled candidates
   $BIN/python - "$OUT/$name" "$DATA" <<'PY' | tee "$OUT/$name/test-popularity.txt"
-import json, sys
+import sys
 from pathlib import Path
+from recadapt.io import write_json_atomic
 from recadapt.cf import load_crm
 from recadapt.data.store import ensure_prepared
 from recadapt.tasks.evaluate import evaluate_crm
@@ -35,6 +36,6 @@ report = evaluate_crm(load_crm(run / "best"), prepared.parts["test"], data.proto
                       config.train.max_len, n_boot=config.train.n_boot)
 for key, e in report.items():
     print(f"popularity {key:<10} {e.value:.4f} [{e.low:.4f}, {e.high:.4f}]")
-json.dump({k: v.to_dict() for k, v in report.items()}, open(run / "test-popularity.json", "w"), indent=1)
+write_json_atomic(run / "test-popularity.json", {k: v.to_dict() for k, v in report.items()})
 PY
 done
