@@ -1,4 +1,5 @@
-"""Command line: ``recadapt data fetch|prepare``, ``recadapt train``, ``recadapt eval``, ``recadapt report``."""
+"""Command line: ``recadapt data fetch|synth|stats|prepare``, ``train``, ``eval``, ``search``, ``report``,
+``recommend`` and ``serve``."""
 
 from __future__ import annotations
 
@@ -220,6 +221,66 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _item_list(text: str | None) -> list[str] | None:
+    """A comma-separated list of item ids or titles (a title with a comma: use the id)."""
+    if text is None:
+        return None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _load_recommender(args: argparse.Namespace):
+    from recadapt.serving import load
+
+    return load(args.run, retriever=args.retriever, n_candidates=args.n_candidates)
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    from recadapt.serving import RequestError
+
+    recommender = _load_recommender(args)
+    history = _item_list(args.history) or []
+    try:
+        if args.score:
+            results = recommender.score(history, _item_list(args.score) or [], user=args.user)
+        else:
+            results = recommender.recommend(
+                history, args.k, _item_list(args.candidates), not args.include_seen, user=args.user
+            )
+    except RequestError as err:
+        name = err.field.split("[")[0].replace("_", "-")
+        raise ValueError(f"{'-k' if name == 'k' else '--' + name}: {err.message}") from None
+    if args.json:
+        print(json.dumps({"items": [r.to_dict() for r in results]}))
+        return 0
+    label = "score" if args.score else "top"
+    print(
+        f"{recommender.config.model_name} ({recommender.run_dir}), {label} for a history of {len(history)}:"
+    )
+    for rank, r in enumerate(results, start=1):
+        print(f"  {rank:>3}. {r.title}  [item {r.item}]  score {r.score:.4f}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from recadapt.serving.http import ServeSettings, serve
+
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+    serve(_load_recommender(args), host=args.host, port=args.port, settings=settings)
+    return 0
+
+
+def _add_loading_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "run", help="a trained run directory, or a pipeline YAML (ranker, retriever, candidates)"
+    )
+    parser.add_argument(
+        "--retriever", help="LLM rankers: a run ranking the catalogue whose top-N are the candidates"
+    )
+    parser.add_argument(
+        "--n-candidates", type=int, help="the retriever's top-N (default: the run's protocol's)"
+    )
+
+
 NO_VERIFY_HELP = "read a published dataset whose files differ from the recorded SHA-256 (a modified copy)"
 
 
@@ -349,6 +410,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="one row per run name without its -s<seed> suffix (ablations of one model), not per model",
     )
     rep.set_defaults(func=_cmd_report)
+    rec = sub.add_parser("recommend", help="top-k items for one history from a trained run")
+    _add_loading_options(rec)
+    rec.add_argument("--history", required=True, help="comma-separated item ids or titles, oldest first")
+    rec.add_argument("-k", type=int, default=10)
+    rec.add_argument(
+        "--candidates", help="rank only these (comma-separated); LLM rankers default to the retriever's"
+    )
+    rec.add_argument("--score", help="instead: score these items (comma-separated), in their order")
+    rec.add_argument(
+        "--user", help="the dataset's user id (CTR prompts show the profile; user-embedding CRMs)"
+    )
+    rec.add_argument("--include-seen", action="store_true", help="history items may be recommended again")
+    rec.add_argument("--json", action="store_true")
+    rec.set_defaults(func=_cmd_recommend)
+
+    srv = sub.add_parser(
+        "serve", help="serve a trained run over HTTP (POST /recommend /score, GET /health /info)"
+    )
+    _add_loading_options(srv)
+    srv.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default loopback: there is no authentication)"
+    )
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-batch", type=int, default=32, help="requests answered by one batched forward")
+    srv.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch"
+    )
+    srv.add_argument(
+        "--max-queue", type=int, default=1024, help="waiting requests beyond which the answer is 503"
+    )
+    srv.set_defaults(func=_cmd_serve)
     return parser
 
 

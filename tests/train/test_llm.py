@@ -20,6 +20,7 @@ import pytest
 import torch
 from kill_at_step import KILLER
 from safetensors.torch import load_file
+from score_spy import record_raw_scores
 from tiny_llm import byte_tokenizer, save_tiny_backbone, tiny_llama
 
 from recadapt.cli import main
@@ -685,28 +686,6 @@ def test_item_tags_need_a_tags_or_genres_column(workdir: Path) -> None:
         PromptFactory(prepared, "train", "item", history_len=10, item_tags=3)
 
 
-def _record_raw_scores(monkeypatch) -> list[np.ndarray]:
-    """A list that collects every raw score evaluation computes: candidate scores (next-item), p(Yes) (ctr)."""
-    import recadapt.llm.ranking as ranking
-
-    recorded: list[np.ndarray] = []
-    rank, yes = ranking.rank_candidates, ranking.yes_probability
-
-    def rank_spy(*args: Any, **kwargs: Any) -> Any:
-        result = rank(*args, **kwargs)
-        recorded.append(result.scores.copy())
-        return result
-
-    def yes_spy(*args: Any, **kwargs: Any) -> Any:
-        result = yes(*args, **kwargs)
-        recorded.append(result.numpy().copy())
-        return result
-
-    monkeypatch.setattr(ranking, "rank_candidates", rank_spy)
-    monkeypatch.setattr(ranking, "yes_probability", yes_spy)
-    return recorded
-
-
 @pytest.mark.parametrize("precision", ["bf16", "no"])
 @pytest.mark.parametrize(("method", "protocol"), [("llara", "next-item"), ("ilora", "ctr")])
 def test_trained_and_reloaded_runs_score_identically_in_each_precision(
@@ -717,7 +696,7 @@ def test_trained_and_reloaded_runs_score_identically_in_each_precision(
     (Before, accelerate's autocast wrapper stayed on the trained run's projector and adapter, so a trained LLaRA
     projected its items in bf16 and the reloaded one in fp32.) ``llm.precision`` is explicit, so the test does
     not depend on whether this CPU runs bf16 natively."""
-    recorded = _record_raw_scores(monkeypatch)
+    recorded = record_raw_scores(monkeypatch)
     crm_run = _train_tiny_sasrec(workdir, f"sasrec-precision-{protocol}", f"data.protocol={protocol}")
     run = f"{method}-{protocol}-precision-{precision}"
     extra = [f"llm.crm_run={crm_run}", f"llm.precision={precision}", "llm.train_samples=8", "llm.epochs=1"]
@@ -754,7 +733,7 @@ def test_the_shuffled_crm_probe_changes_what_the_crm_feeds(
     """``recadapt eval RUN --shuffle-crm`` permutes item ids on the CRM's side only (LLaRA's item table, iLoRA's
     gate input): the raw scores move, while an evaluation without it reproduces the run. Whether a trained
     method gets *worse* is what the learnability suite measures; here, that the probe reaches the model."""
-    recorded = _record_raw_scores(monkeypatch)
+    recorded = record_raw_scores(monkeypatch)
     crm_run = _train_tiny_sasrec(workdir, f"sasrec-shuffle-{protocol}", f"data.protocol={protocol}")
     run = f"{method}-{protocol}-shuffle"
     extra = [f"llm.crm_run={crm_run}", "llm.train_samples=8", "llm.epochs=1", "llm.eval_samples=12"]
@@ -779,7 +758,7 @@ def test_projector_kinds_train_reload_and_feel_the_shuffled_probe(
     """``llm.projector`` scaled / vocab: the saved projector (with its standardisation and anchors) reproduces
     the trained run's scores bit for bit, ``AnswerNLL`` is the target's per-token NLL, and the shuffled-CRM
     probe reaches the model. ``llm.curriculum=hybrid`` trains every step on hybrid prompts."""
-    recorded = _record_raw_scores(monkeypatch)
+    recorded = record_raw_scores(monkeypatch)
     crm_run = _train_tiny_sasrec(workdir, f"sasrec-projector-{projector}")
     run = f"llara-projector-{projector}"
     extra = [f"llm.crm_run={crm_run}", "llm.precision=no", "llm.train_samples=8", "llm.epochs=1"]

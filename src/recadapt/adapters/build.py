@@ -117,11 +117,16 @@ def _is_plain_lora(adapted: nn.Module) -> bool:
 
 
 def save_weights(
-    folder: Path, adapted: nn.Module | None, projector: nn.Module | None, base_model: str | None = None
+    folder: Path,
+    adapted: nn.Module | None,
+    projector: nn.Module | None,
+    base_model: str | None = None,
+    tokenizer: Any = None,
 ) -> None:
     """The adapter and the projector, into ``folder``: a ``lora`` adapter as PEFT saves one (``adapter_config.json``
     naming ``base_model`` as the user gave it, ``adapter_model.safetensors``), the other kinds with
-    :func:`recadapt.adapters.save_adapters` in ``adapter/``."""
+    :func:`recadapt.adapters.save_adapters` in ``adapter/`` (naming ``base_model`` too); with ``tokenizer``, its
+    files beside them (the item placeholder tokens a hybrid prompt adds included), so the folder describes itself."""
     from safetensors.torch import save_file
 
     from recadapt.adapters import save_adapters, save_peft_lora
@@ -129,11 +134,13 @@ def save_weights(
     if adapted is not None and _is_plain_lora(adapted):
         save_peft_lora(adapted, folder, base_model_name_or_path=base_model)
     elif adapted is not None:
-        save_adapters(adapted, folder / PERSONAL_ADAPTER_DIR)
+        save_adapters(adapted, folder / PERSONAL_ADAPTER_DIR, base_model_name_or_path=base_model)
     if projector is not None:
         save_file(
             cpu_tensors(projector.state_dict()), str(folder / PROJECTOR_FILE), metadata={"format": "pt"}
         )
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
 
 
 def load_weights(folder: Path, adapted: nn.Module | None, projector: nn.Module | None) -> None:

@@ -28,18 +28,22 @@ ADAPTER_CONFIG = "adapter_config.json"
 FORMAT_VERSION = 1
 
 
-def save_adapters(model: AdaptedModel, folder: str | Path) -> Path:
-    """Write ``adapter.safetensors`` (adapter + conditioner weights only) and ``adapter_config.json`` (kind and
-    config) to ``folder``, atomically: the folder is replaced as a whole, so it holds the adapter and nothing else."""
+def save_adapters(
+    model: AdaptedModel, folder: str | Path, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write ``adapter.safetensors`` (adapter + conditioner weights only) and ``adapter_config.json`` (kind,
+    config and, when given, the base model as the user named it) to ``folder``, atomically: the folder is
+    replaced as a whole, so it holds the adapter and nothing else."""
     folder = Path(folder)
     state = {key: t.contiguous().cpu() for key, t in model.adapter_state_dict().items()}
     payload = model.adapter_config.to_dict()
     kind = payload.pop("kind")
     with atomic_directory(folder) as tmp:
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "kind": kind})
-        write_json_atomic(
-            tmp / ADAPTER_CONFIG, {"format_version": FORMAT_VERSION, "kind": kind, "config": payload}
-        )
+        header: dict[str, Any] = {"format_version": FORMAT_VERSION, "kind": kind, "config": payload}
+        if base_model_name_or_path is not None:
+            header["base_model_name_or_path"] = base_model_name_or_path
+        write_json_atomic(tmp / ADAPTER_CONFIG, header)
     return folder
 
 

@@ -135,3 +135,66 @@ def evaluate_llm(
         )
         reports[mode] = report
     return reports
+
+
+def score_rows(
+    model: nn.Module,
+    encoder: ItemTokenizer,
+    factory: PromptFactory,
+    rows: np.ndarray,
+    *,
+    embedder: ItemEmbedder | None,
+    max_tokens: int,
+    batch_size: int,
+    autocast: Callable[[], Any],
+    cond_source: CondSource | None = None,
+    retrieved: bool = False,
+) -> list[np.ndarray]:
+    """Per row of ``factory``: its candidates' ``score``-mode scores (next-item) or ``[p(Yes)]`` (ctr), with
+    prompts, conditioning and precision as :func:`evaluate_llm` builds them, all rows in batched forwards (what
+    serving calls; rows may have different numbers of candidates)."""
+    from recadapt.llm.scoring import score_candidates
+
+    model.eval()
+    samples = PromptDataset(factory, encoder, max_tokens)
+    hybrid = embedder is not None
+    if factory.protocol == "ctr":
+        yes_id, no_id = (
+            encoder.answer_token_ids(a)[0]
+            for a in (factory.domain.ctr.answer_yes, factory.domain.ctr.answer_no)
+        )
+    out: list[np.ndarray] = []
+    for start in range(0, len(rows), EVAL_CHUNK):
+        chunk = [int(r) for r in rows[start : start + EVAL_CHUNK]]
+        records = samples.records([SampleKey(r, EVAL_TEMPLATE_INDEX, hybrid, retrieved) for r in chunk])
+        device = next(model.parameters()).device
+        cond = cond_source(*conditioning_inputs(records)).to(device) if cond_source is not None else None
+        with autocast():
+            inputs = prompt_inputs(samples.prompt_batch(records).to(device), embedder)
+            if factory.protocol == "ctr":
+                from recadapt.llm.ranking import yes_probability
+
+                probs = yes_probability(
+                    model, inputs, yes_id, no_id, batch_size=batch_size, cond=cond
+                ).numpy()
+                out.extend(probs[n : n + 1].astype(np.float64) for n in range(len(chunk)))
+                continue
+            token_ids = [
+                [encoder.candidate_token_ids(factory.titles[i]) for i in factory.candidates[r]] for r in chunk
+            ]
+            groups: dict[int, list[int]] = {}
+            for n, ids in enumerate(token_ids):  # one packed layout per candidate count
+                groups.setdefault(len(ids), []).append(n)
+            chunk_scores: list[np.ndarray] = [np.zeros(0)] * len(chunk)
+            for members in groups.values():
+                scores = score_candidates(
+                    model,
+                    [inputs[n] for n in members],
+                    [token_ids[n] for n in members],
+                    batch_size=batch_size,
+                    cond=None if cond is None else cond[members],
+                ).numpy()
+                for row, n in enumerate(members):
+                    chunk_scores[n] = scores[row].astype(np.float64)
+            out.extend(chunk_scores)
+    return out

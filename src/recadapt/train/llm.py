@@ -240,7 +240,7 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
     started = time.time()
     train_factory = PromptFactory(prepared, "train", domain, tc.max_len, llm.item_tags, llm.item_placement)
     if item_vectors is not None:
-        _set_retrieval(train_factory, item_vectors)
+        apply_retrieval(train_factory, item_vectors)
     subset = training_rows(prepared.parts["train"], data.protocol, llm.train_samples, data.split_seed)
     model: nn.Module = backbone.model
     adapted: nn.Module | None = None
@@ -383,7 +383,7 @@ def _retrieval_vectors(
     )
 
 
-def _set_retrieval(factory: PromptFactory, item_vectors: np.ndarray) -> None:
+def apply_retrieval(factory: PromptFactory, item_vectors: np.ndarray) -> None:
     """Each row's retrieved view: its train.max_len history items most similar to the target (time order)."""
     from recadapt.llm.retrieval import retrieval_positions
 
@@ -419,7 +419,7 @@ def _evaluate_part(
     domain = resolve_domain(config.data.dataset, llm.domain)
     factory = PromptFactory(prepared, part, domain, config.train.max_len, llm.item_tags, llm.item_placement)
     if item_vectors is not None:  # ReLLa evaluates on the retrieved view (recent, mixed: trained on both)
-        _set_retrieval(factory, item_vectors)
+        apply_retrieval(factory, item_vectors)
     rows = evaluation_rows(len(factory), llm.eval_samples, config.data.split_seed)
     reports = evaluate_llm(
         model,
@@ -441,6 +441,82 @@ def _evaluate_part(
     return rows, reports
 
 
+@dataclasses.dataclass
+class LoadedLLMRun:
+    """A finished LLM run rebuilt from what it saved, ready to score: what evaluation and serving both read."""
+
+    run_dir: Path
+    config: RunConfig
+    prepared: Prepared
+    model: nn.Module
+    encoder: ItemTokenizer
+    item_table: Tensor | None
+    projector: nn.Module | None
+    cond_source: CondSource | None
+    item_vectors: np.ndarray | None
+    autocast: Callable[[], Any]
+
+    @property
+    def llm(self) -> LLMConfig:
+        return self.config.llm or LLMConfig()
+
+    @property
+    def embedder(self) -> ItemEmbedder | None:
+        """The hybrid prompts' item embedder (None for text-only methods)."""
+        if self.item_table is None or self.projector is None:
+            return None
+        return ItemEmbedder(self.model.get_input_embeddings(), self.item_table, self.projector)
+
+
+def load_llm_run(run_dir: Path, *, shuffle_crm: bool = False, progress: bool = False) -> LoadedLLMRun:
+    """Rebuild a finished LLM run from ``config.yaml`` and its ``final`` adapter and projector: the backbone, the
+    CRM's item table and conditioning (``shuffle_crm``: the shuffled-table probe, see
+    :func:`_collaborative_inputs`), ReLLa's retrieval vectors, in the run's precision."""
+    from accelerate import PartialState
+
+    from recadapt.llm.backbone import load_backbone
+    from recadapt.train.config import load_config
+
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    config = load_config(config_file)
+    spec, llm = method(config.model_name), config.llm or LLMConfig()
+    if spec.recipe != "llm":
+        raise ConfigError(config_file, "model.name", f"{spec.name!r} is not an LLM method")
+    final = run_dir / FINAL_DIR
+    if spec.trains and not has_adapter(final):
+        raise FileNotFoundError(
+            f"{run_dir} has no trained adapter in {final} (expected {ADAPTER_FILE} or {PERSONAL_ADAPTER_DIR}/); "
+            "train it first"
+        )
+    accelerator = make_accelerator(select_precision(PartialState().device, llm.precision)[0])
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    prepared = prepared_for(config.data)
+    torch.manual_seed(config.train.seed)  # as in training: the same resized-embedding initialisation
+    backbone = load_backbone(llm.backbone, dtype=llm.dtype, device=accelerator.device)
+    encoder = ItemTokenizer(backbone.tokenizer, model=backbone.model)
+    model: nn.Module = backbone.model
+    item_vectors = _retrieval_vectors(config, backbone, prepared, progress)
+    item_table, cond_source = _collaborative_inputs(
+        config, prepared, accelerator.device, shuffle_crm=shuffle_crm
+    )
+    projector = _projector(llm, item_table, backbone, accelerator.device)
+    if spec.trains:
+        adapted = attach_adapter(backbone.model, llm, cond_source.dim if cond_source else 0)
+        load_weights(final, adapted, projector)
+        model = adapted
+    if projector is not None:
+        projector.eval()
+    model.eval()
+    return LoadedLLMRun(
+        run_dir, config, prepared, model, encoder, item_table, projector, cond_source, item_vectors,
+        accelerator.autocast,
+    )  # fmt: skip
+
+
 def evaluate_llm_run(
     run_dir: Path,
     *,
@@ -457,61 +533,24 @@ def evaluate_llm_run(
     Returns one report per mode (next-item) or ``{"ctr": ...}``. The run's own settings decide the prompts, the
     evaluation rows and the bootstrap seed, so the same modes reproduce ``metrics.json``.
     """
-    from accelerate import PartialState
-
-    from recadapt.llm.backbone import load_backbone
-    from recadapt.train.config import load_config
-
-    run_dir = Path(run_dir)
-    config_file = run_dir / "config.yaml"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    config = load_config(config_file)
-    spec, llm, data = method(config.model_name), config.llm or LLMConfig(), config.data
-    if spec.recipe != "llm":
-        raise ConfigError(config_file, "model.name", f"{spec.name!r} is not an LLM method")
-    final = run_dir / FINAL_DIR
-    if spec.trains and not has_adapter(final):
-        raise FileNotFoundError(
-            f"{run_dir} has no trained adapter in {final} (expected {ADAPTER_FILE} or {PERSONAL_ADAPTER_DIR}/); "
-            "train it first"
-        )
+    run = load_llm_run(run_dir, shuffle_crm=shuffle_crm, progress=progress)
+    config, llm = run.config, run.llm
     modes = list(modes or llm.eval_modes)
-    if data.protocol == "ctr":
+    if config.data.protocol == "ctr":
         modes = list(llm.eval_modes)  # CTR has one scoring rule; the modes do not apply
-
-    accelerator = make_accelerator(select_precision(PartialState().device, llm.precision)[0])
-    if config.train.num_threads:
-        torch.set_num_threads(config.train.num_threads)
-    prepared = prepared_for(data)
-    torch.manual_seed(config.train.seed)  # as in training: the same resized-embedding initialisation
-    backbone = load_backbone(llm.backbone, dtype=llm.dtype, device=accelerator.device)
-    encoder = ItemTokenizer(backbone.tokenizer, model=backbone.model)
-    model: nn.Module = backbone.model
-    item_vectors = _retrieval_vectors(config, backbone, prepared, progress)
-    item_table, cond_source = _collaborative_inputs(
-        config, prepared, accelerator.device, shuffle_crm=shuffle_crm
-    )
-    projector = _projector(llm, item_table, backbone, accelerator.device)
-    if spec.trains:
-        adapted = attach_adapter(backbone.model, llm, cond_source.dim if cond_source else 0)
-        load_weights(final, adapted, projector)
-        model = adapted
-    if projector is not None:
-        projector.eval()
     _, reports = _evaluate_part(
         config,
-        model,
-        encoder,
-        prepared,
+        run.model,
+        run.encoder,
+        run.prepared,
         part,
-        item_table=item_table,
-        projector=projector,
+        item_table=run.item_table,
+        projector=run.projector,
         modes=modes,
-        autocast=accelerator.autocast,
+        autocast=run.autocast,
         n_boot=config.train.n_boot if n_boot is None else n_boot,
         progress=progress,
-        cond_source=cond_source,
-        item_vectors=item_vectors,
+        cond_source=run.cond_source,
+        item_vectors=run.item_vectors,
     )
     return reports

@@ -415,7 +415,7 @@ def train_loop(
         logger.close()
     if accelerator.is_main_process:
         with atomic_directory(run_dir / FINAL_DIR) as tmp:
-            save_weights(tmp, adapted, raw_projector, base_model=llm.backbone)
+            save_weights(tmp, adapted, raw_projector, base_model=llm.backbone, tokenizer=encoder.tokenizer)
     if not state.finished:
         state.finished = True
         save_checkpoint(accelerator, ckpt_dir, adapted, raw_projector, optimizer, scheduler, state)
