@@ -49,6 +49,8 @@ demo: setup
 	$(BIN)/recadapt train --config configs/demo.yaml --data-dir $(DEMO_DATA)
 	$(BIN)/recadapt eval runs/demo-sasrec-ml-100k
 	$(BIN)/recadapt report runs/demo-sasrec-ml-100k --out runs/demo-report.md --title "recadapt demo"
+	# a user who watched Star Wars, The Empire Strikes Back and Return of the Jedi (ml-100k item ids)
+	$(BIN)/recadapt recommend runs/demo-sasrec-ml-100k --history 50,172,181 -k 5
 
 clean:
 	rm -rf runs/demo-* .pytest_cache

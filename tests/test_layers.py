@@ -18,7 +18,7 @@ LAYERS = {
     "methods": 4,
     "tasks": 5,
     "train": 6,
-    "report": 7, "cli": 8,
+    "report": 7, "serving": 7, "cli": 8,
 }  # fmt: skip
 
 
