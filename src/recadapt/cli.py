@@ -234,6 +234,16 @@ def _load_recommender(args: argparse.Namespace):
     return load(args.run, retriever=args.retriever, n_candidates=args.n_candidates)
 
 
+# a request's field -> the option of `recadapt recommend` that set it
+RECOMMEND_FLAGS = {
+    "history": "--history",
+    "k": "-k",
+    "candidates": "--candidates",
+    "items": "--score",
+    "user": "--user",
+}
+
+
 def _cmd_recommend(args: argparse.Namespace) -> int:
     from recadapt.serving import RequestError
 
@@ -247,8 +257,8 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
                 history, args.k, _item_list(args.candidates), not args.include_seen, user=args.user
             )
     except RequestError as err:
-        name = err.field.split("[")[0].replace("_", "-")
-        raise ValueError(f"{'-k' if name == 'k' else '--' + name}: {err.message}") from None
+        flag = RECOMMEND_FLAGS.get(err.field.split("[")[0], err.field)
+        raise ValueError(f"{flag}: {err.message}") from None
     if args.json:
         print(json.dumps({"items": [r.to_dict() for r in results]}))
         return 0

@@ -331,3 +331,15 @@ def test_llm_runs_export_self_describing_folders(workdir: Path) -> None:
     saved = json.loads((personal / "adapter" / "adapter_config.json").read_text())
     assert saved["kind"] == "moe-lora" and saved["base_model_name_or_path"] == str(workdir / "backbone")
     assert (personal / "tokenizer_config.json").exists() and (personal / "projector.safetensors").exists()
+
+
+def test_recadapt_recommend_prints_titles_and_names_the_option_of_a_bad_value(workdir: Path, capsys) -> None:
+    run = _sasrec(workdir, "sasrec")
+    expected = recadapt.load(run).recommend(["i1", "i2"], k=3)
+    assert main(["recommend", str(run), "--history", "i1,i2", "-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{r.title}  [item {r.item}]" in out for r in expected)
+    assert main(["recommend", str(run), "--history", "i1", "--json", "--score", "i4,i5"]) == 0
+    assert [r["item"] for r in json.loads(capsys.readouterr().out)["items"]] == ["i4", "i5"]
+    assert main(["recommend", str(run), "--history", "i1", "--score", "i4,zz"]) == 2
+    assert "--score: unknown item 'zz'" in capsys.readouterr().err

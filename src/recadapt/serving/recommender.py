@@ -356,7 +356,7 @@ class LLMRecommender(Recommender):
 
     def _frame(self, queries: Sequence[Query]) -> pd.DataFrame:
         """The queries as a protocol part: one row per query (next-item), one per (query, candidate) (ctr)."""
-        new_user = self.catalogue_users()
+        new_user = self._anonymous_user()
         rows: list[dict[str, Any]] = []
         for q in queries:
             user = new_user if q.user is None else q.user
@@ -383,7 +383,7 @@ class LLMRecommender(Recommender):
             )
         return pd.DataFrame(rows)
 
-    def catalogue_users(self) -> int:
+    def _anonymous_user(self) -> int:
         """The user id of a request that names none: one past the known users (no profile, no embedding)."""
         return int(self.prepared.n_users)
 
