@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from recadapt.data.fetch import FETCHABLE, FetchError
@@ -90,9 +91,33 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` / ``option=VALUE``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from recadapt.methods.registry import method
     from recadapt.train.config import load_config
+    from recadapt.train.distributed import launched_processes, relaunch
+
+    if args.processes < 1:
+        raise ValueError(f"--processes must be >= 1, got {args.processes}")
+    if args.processes > 1 and launched_processes() == 1:  # start the processes; each runs this command
+        return relaunch(_without_option(args.argv, "--processes"), args.processes)
+    if args.processes > 1 and launched_processes() != args.processes:
+        raise ValueError(
+            f"--processes {args.processes} inside a launcher that started {launched_processes()} processes: "
+            "give the number to one of them"
+        )
 
     overrides = list(args.overrides)
     for option, key in (
@@ -104,31 +129,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
             overrides.append(f"{key}={getattr(args, option)}")
     config = load_config(args.config, overrides)
     recipe = method(config.model_name).recipe
+    main_process = int(os.environ.get("RANK", "0")) == 0  # one summary from a run of several processes
+    say = print if main_process else (lambda *_args, **_kwargs: None)
     if recipe == "fullrank":
         from recadapt.train.fullrank import train_fullrank
 
         payload = train_fullrank(config, resume=not args.restart, progress=not args.quiet)
-        print(f"run {config.run_dir}: {payload['optimizer_steps']} optimizer steps, best {payload['best']}")
+        say(f"run {config.run_dir}: {payload['optimizer_steps']} optimizer steps, best {payload['best']}")
     elif recipe == "llm":
         from recadapt.train.llm import train_llm
 
         payload = train_llm(config, resume=not args.restart, progress=not args.quiet)
         mode = f", ranking mode {payload['ranking_mode']}" if payload.get("ranking_mode") else ""
-        print(f"run {config.run_dir}: {payload['optimizer_steps']} optimizer steps{mode}")
+        say(f"run {config.run_dir}: {payload['optimizer_steps']} optimizer steps{mode}")
     else:
         from recadapt.train.crm import train_crm
 
         payload = train_crm(config, resume=not args.restart, progress=not args.quiet)
-        print(f"run {config.run_dir}: best epoch {payload['best_epoch']}")
-    _print_test(payload["test"])
+        say(f"run {config.run_dir}: best epoch {payload['best_epoch']}")
+    _print_test(payload["test"], say)
     return 0
 
 
-def _print_test(test: dict[str, dict]) -> None:
+def _print_test(test: dict[str, dict], say: Callable[[str], None] = print) -> None:
     from recadapt.tasks.metrics import Estimate
 
     for name, est in test.items():
-        print(f"  test {name:<10} {Estimate(**est)}")
+        say(f"  test {name:<10} {Estimate(**est)}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -364,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "overrides", nargs="*", help="section.key=value, e.g. train.seed=1 data.dataset=lastfm"
     )
+    train.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine (torchrun; CPU: gloo, GPUs: one each); see docs/scaling.md",
+    )
     train.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     train.set_defaults(func=_cmd_train)
 
@@ -455,7 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what a relaunch in several processes runs again
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )

@@ -252,6 +252,96 @@ def test_missing_package_names_the_install_command() -> None:
         backbone_module.package_dir("recadapt_no_such_package", "pip install --no-deps some-pkg")
 
 
+# --- 4-bit base weights (llm.quantization) ------------------------------------------------------------------------
+
+
+def test_4bit_without_cuda_is_refused_naming_the_field_and_the_extra(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(BackboneError) as refused:
+        load_backbone(str(tiny_model_dir), device="cpu", quantization="4bit")
+    message = str(refused.value)
+    assert "llm.quantization=4bit needs a CUDA GPU" in message
+    assert "pip install 'recadapt[quant]'" in message
+    # asking for CUDA where there is none is refused the same way, before transformers is reached
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackboneError, match=r"needs a CUDA GPU .*no CUDA GPU is available"):
+        load_backbone(str(tiny_model_dir), device="cuda", dtype="bf16", quantization="4bit")
+
+
+def test_4bit_without_bitsandbytes_names_the_extra(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backbone_module, "bitsandbytes_installed", lambda: False)
+    with pytest.raises(BackboneError, match=r"needs bitsandbytes, which is not installed.*recadapt\[quant\]"):
+        load_backbone(str(tiny_model_dir), device="cuda", dtype="bf16", quantization="4bit")
+
+
+def test_4bit_refuses_gguf_backbones(tiny_gguf: tuple[Path, LlamaForCausalLM], tmp_path: Path) -> None:
+    for name in ("smollm2-135m", str(tiny_gguf[0])):
+        with pytest.raises(BackboneError, match="cannot load the GGUF backbone"):
+            load_backbone(name, device="cpu", cache_dir=tmp_path, quantization="4bit")
+    assert not (tmp_path / "models").exists()  # refused before any conversion
+
+
+def test_unknown_quantization_is_refused(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="unknown quantization '8bit'"):
+        load_backbone(str(tiny_model_dir), device="cpu", quantization="8bit")
+
+
+@pytest.mark.parametrize(("device", "index"), [("cuda", 3), ("cuda:1", 1)])
+def test_4bit_loads_nf4_with_double_quant_on_the_cuda_device(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, device: str, index: int
+) -> None:
+    """What transformers is asked for (checked without a GPU: from_pretrained is intercepted)."""
+    import transformers
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(backbone_module, "bitsandbytes_installed", lambda: True)
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    calls: list[dict] = []
+
+    def intercepted(target: str, **kwargs):
+        calls.append(kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
+        return real(target, **kwargs)  # a plain CPU model stands in for the 4-bit one
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", intercepted)
+    bb = load_backbone(str(tiny_model_dir), device=device, dtype="bf16", quantization="4bit")
+    (kwargs,) = calls
+    config = kwargs["quantization_config"]
+    assert isinstance(config, transformers.BitsAndBytesConfig)
+    assert config.load_in_4bit and not config.load_in_8bit
+    assert config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
+    assert config.bnb_4bit_compute_dtype == torch.bfloat16
+    assert kwargs["device_map"] == {"": index}
+    assert kwargs["dtype"] == torch.bfloat16
+    assert bb.quantization == "4bit" and bb.device == torch.device(device)
+    # placed by device_map while loading, never moved afterwards (a .to("cuda") would fail on this machine)
+    assert {p.device.type for p in bb.model.parameters()} == {"cpu"}
+    assert not bb.model.training
+
+
+def test_llm_quantization_config_field(tmp_path: Path) -> None:
+    from recadapt.errors import ConfigError
+    from recadapt.train.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  name: tallrec\nllm:\n  lora_r: 8\n  quantization: 8bit\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(refused.value).startswith(
+        f"{path}:5: field 'llm.quantization' must be one of ('none', '4bit')"
+    )
+    with pytest.raises(ConfigError, match=r"^<command line>: field 'llm.quantization' must be one of"):
+        load_config(None, ["model.name=tallrec", "llm.quantization=nf4"])
+    assert load_config(None, ["model.name=tallrec", "llm.lr=1e-3"]).llm.quantization == "none"
+    assert load_config(path, ["llm.quantization=4bit"]).llm.quantization == "4bit"
+
+
 # --- the real default backbone ------------------------------------------------------------------------------------
 
 

@@ -868,3 +868,36 @@ def test_llara_ranks_sampled_ranking_candidates_in_every_mode_and_reloads(workdi
     assert main(["eval", str(run_dir), "--json", "--mode", "score"]) == 0
     reloaded = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert reloaded == {"score": by_mode["score"]}
+
+
+def test_validation_keeps_the_best_adapter_and_stops_early(workdir: Path) -> None:
+    """llm.valid_every scores the adapter on validation rows; the final adapter is the best one, and patience
+    stops the run once validations stop improving."""
+    args = _args(workdir, "tallrec", "selected", "llm.valid_every=2", "llm.valid_samples=12", "llm.lr=0.3")
+    assert main(args) == 0
+    run_dir = workdir / "runs" / "selected"
+    rows = list(csv.DictReader((run_dir / "valid.csv").open()))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8]
+    values = [float(r["valid/metric"]) for r in rows]
+    metrics = _metrics(run_dir)
+    best = max(range(len(values)), key=lambda i: (values[i], -i))  # the first of equal bests is kept
+    assert metrics["model_selection"]["best_step"] == 2 * (best + 1)
+    assert metrics["model_selection"]["best_valid"] == pytest.approx(values[best])
+    final = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+    kept = load_file(str(run_dir / "best" / "adapter_model.safetensors"))
+    assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in final)
+
+    # patience 1: the first validation that does not improve ends the run
+    assert main([*args[:-1], "name=patient", "llm.lr=0.3", "llm.patience=1"]) == 0
+    patient = workdir / "runs" / "patient"
+    rows = list(csv.DictReader((patient / "valid.csv").open()))
+    values = [float(r["valid/metric"]) for r in rows]
+    stops = next((i for i in range(1, len(values)) if values[i] <= max(values[:i])), None)
+    expected_steps = 8 if stops is None else 2 * (stops + 1)
+    assert _metrics(patient)["optimizer_steps"] == expected_steps
+    if stops is not None:  # the kept adapter is an earlier one than the last trained
+        selection = _metrics(patient)["model_selection"]
+        assert selection["best_step"] < expected_steps
+        final = load_file(str(patient / "final" / "adapter_model.safetensors"))
+        kept = load_file(str(patient / "best" / "adapter_model.safetensors"))
+        assert all(torch.equal(final[k], kept[k]) for k in final)

@@ -4,6 +4,9 @@
 ``gemma3-270m``), a ``.gguf`` file, a local model directory, or a Hugging Face hub id. A GGUF is dequantized with
 transformers once (15-30 s for SmolLM2 on 2 CPU cores) and saved as safetensors under ``<cache>/models/``; later
 loads read that copy (under a second). transformers is imported lazily: it is the optional ``llm`` extra.
+
+``quantization="4bit"`` loads the frozen base weights of a full-precision model (a local directory or hub id) as
+bitsandbytes NF4, QLoRA-style: CUDA only, with the ``quant`` extra (``pip install 'recadapt[quant]'``).
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ _DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
 }
 
+# the base weights' storage: "none" = the weight dtype; "4bit" = bitsandbytes NF4 (QLoRA's setting)
+QUANTIZATIONS = ("none", "4bit")
+_QUANT_HINT = "install the extra with `pip install 'recadapt[quant]'` (bitsandbytes)"
+
 
 @dataclass
 class Backbone:
@@ -60,6 +67,7 @@ class Backbone:
     dtype: torch.dtype
     hidden_size: int
     autocast_dtype: torch.dtype | None = None
+    quantization: str = "none"  # "4bit": the base linear layers are bitsandbytes Linear4bit (NF4)
 
     def autocast(self) -> AbstractContextManager[Any]:
         """Mixed precision for this backbone's device: bf16 on CPU (on CPUs with avx512_bf16 its matmuls run at
@@ -89,6 +97,7 @@ def load_backbone(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     cache_dir: str | Path | None = None,
+    quantization: str = "none",
 ) -> Backbone:
     """Load backbone ``name``: an alias (``smollm2-135m``, ``gemma3-270m``), a ``.gguf`` file, a local model
     directory, or a hub id (which needs the hub cache or network).
@@ -97,8 +106,17 @@ def load_backbone(
     fp32 weights under bf16 autocast trained twice as fast as fp32 and keep fp32 master weights, and to bf16 on CUDA
     (fp16 where bf16 is unsupported). ``cache_dir`` is the recadapt cache root (default ``~/.cache/recadapt``);
     converted GGUF models go to its ``models/`` folder.
+
+    ``quantization="4bit"`` (``llm.quantization``) stores the base linear layers in 4-bit NF4 with double
+    quantization and computes in bf16 (fp16 where the weight dtype is fp16), as QLoRA: about a quarter of the bf16
+    weight memory. It needs a CUDA device and bitsandbytes (the ``quant`` extra) and a full-precision model
+    (a local directory or hub id); a GGUF is refused. The model is placed on ``device`` while loading.
     """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; use one of {QUANTIZATIONS}")
     resolved_device = resolve_device(device)
+    if quantization == "4bit":
+        check_4bit_supported(name, resolved_device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
     source = _resolve_source(name)
     if isinstance(source, _GgufSource):
@@ -106,7 +124,7 @@ def load_backbone(
         target: str | Path = _ensure_converted(source, root / "models")
     else:
         target = source
-    model, tokenizer = _load_pretrained(target, resolved_dtype, resolved_device)
+    model, tokenizer = _load_pretrained(target, resolved_dtype, resolved_device, quantization)
     return Backbone(
         model=model,
         tokenizer=tokenizer,
@@ -115,7 +133,34 @@ def load_backbone(
         dtype=resolved_dtype,
         hidden_size=int(model.config.get_text_config().hidden_size),
         autocast_dtype=default_autocast_dtype(resolved_device),
+        quantization=quantization,
     )
+
+
+def check_4bit_supported(name: str, device: torch.device) -> None:
+    """Raise BackboneError unless backbone ``name`` can be loaded in 4-bit on ``device``: a full-precision model
+    (not a GGUF), a CUDA device, and bitsandbytes installed."""
+    if name in BACKBONE_ALIASES or name.lower().endswith(".gguf"):
+        raise BackboneError(
+            f"llm.quantization=4bit cannot load the GGUF backbone {name!r}: a GGUF is already quantized (recadapt "
+            "dequantizes it to a plain copy), and quantizing that again to 4-bit would stack two rounding errors. "
+            "Use a full-precision model (a local model directory or a hub id), or llm.quantization=none"
+        )
+    if device.type != "cuda" or not torch.cuda.is_available():
+        where = "no CUDA GPU is available" if not torch.cuda.is_available() else f"the device is {device}"
+        raise BackboneError(
+            f"llm.quantization=4bit needs a CUDA GPU (bitsandbytes 4-bit), but {where}; use "
+            f"llm.quantization=none here. On a GPU machine, {_QUANT_HINT}"
+        )
+    if not bitsandbytes_installed():
+        raise BackboneError(
+            f"llm.quantization=4bit needs bitsandbytes, which is not installed: {_QUANT_HINT}"
+        )
+
+
+def bitsandbytes_installed() -> bool:
+    """Whether bitsandbytes is importable (found without importing it: its import initialises CUDA)."""
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
@@ -295,14 +340,25 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
 
 def _load_pretrained(
-    target: str | Path, dtype: torch.dtype, device: torch.device
+    target: str | Path, dtype: torch.dtype, device: torch.device, quantization: str = "none"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     transformers = _import_transformers()
     local = isinstance(target, Path)
+    options: dict[str, Any] = {}
+    if quantization == "4bit":
+        options["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.float16 if dtype == torch.float16 else torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+        # bitsandbytes places the quantized weights while loading; a 4-bit model is not moved afterwards
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        options["device_map"] = {"": index}
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(target), local_files_only=local)
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(target), dtype=dtype, local_files_only=local
+            str(target), dtype=dtype, local_files_only=local, **options
         )
     except OSError as err:
         if local:
@@ -314,7 +370,8 @@ def _load_pretrained(
         ) from err
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad token; EOS is the usual stand-in
-    model.to(device)
+    if quantization == "none":
+        model.to(device)
     model.eval()
     return model, tokenizer
 

@@ -53,6 +53,7 @@ def crm_scores(
     """Model outputs per protocol: candidate logits [N, C] (next-item, sampled-ranking), catalogue logits with
     seen items set to -inf [N, n_items] (full-ranking), or click probabilities [N] (ctr)."""
     model.eval()
+    device = next(model.parameters()).device
     history = torch.from_numpy(pad_histories(part["history"], max_len, n_items))
     target = torch.from_numpy(part["target"].to_numpy(np.int64, copy=True))
     user_id = torch.from_numpy(part["user_id"].to_numpy(np.int64, copy=True))
@@ -64,14 +65,14 @@ def crm_scores(
         row_starts = np.searchsorted(rows, np.arange(len(part) + 1))
     for sl in _batches(len(part), batch_size):
         batch = {"history": history[sl], "target": target[sl], "user_id": user_id[sl]}
+        batch = {k: v.to(device) for k, v in batch.items()}
         if protocol in CANDIDATE_PROTOCOLS:
-            outputs.append(model.score_candidates(batch, candidates[sl]).float().numpy())
+            outputs.append(model.score_candidates(batch, candidates[sl].to(device)).float().cpu().numpy())
         elif protocol == "ctr":
-            outputs.append(
-                torch.sigmoid(model.score_candidates(batch, target[sl, None])[:, 0]).float().numpy()
-            )
+            logits = model.score_candidates(batch, batch["target"][:, None])[:, 0]
+            outputs.append(torch.sigmoid(logits).float().cpu().numpy())
         else:
-            scores = model.score_all(batch).float().contiguous().numpy()  # written in place below
+            scores = model.score_all(batch).float().cpu().contiguous().numpy()  # written in place below
             lo, hi = row_starts[sl.start], row_starts[sl.stop]
             seen_rows, seen_items = rows[lo:hi] - sl.start, items[lo:hi]
             keep = seen_items != target.numpy()[sl][seen_rows]  # never hide the target itself

@@ -48,16 +48,31 @@ def rank_part(
     desc: str = "ranking",
 ) -> dict[str, Estimate]:
     """HR@K, NDCG@K and MRR of ``part``'s users over the whole catalogue (seen items excluded)."""
+    scores = catalogue_scores(model, part, table, max_len, batch_size, progress=progress, desc=desc)
+    return ranking_metrics(scores, part, n_boot)
+
+
+def catalogue_scores(
+    model: FullRankingModel,
+    part: pd.DataFrame,
+    table: Tensor,
+    max_len: int,
+    batch_size: int,
+    *,
+    progress: bool = False,
+    desc: str = "ranking",
+) -> np.ndarray:
+    """Every item's score for each of ``part``'s users, ``[N, n_items]``."""
     model.eval()
     histories = history_arrays(part["history"], max_len)
     scores = []
     for start in progress_bar(range(0, len(part), batch_size), desc=desc, enabled=progress, leave=False):
         users, _ = model.user_embeddings(histories[start : start + batch_size])
         scores.append(model.logits(users, table).float().cpu().numpy())
-    return _report(np.concatenate(scores), part, n_boot)
+    return np.concatenate(scores) if scores else np.zeros((0, len(table)), dtype=np.float32)
 
 
-def _report(scores: np.ndarray, part: pd.DataFrame, n_boot: int) -> dict[str, Estimate]:
+def ranking_metrics(scores: np.ndarray, part: pd.DataFrame, n_boot: int) -> dict[str, Estimate]:
     """Ranking metrics from catalogue scores ``[N, n_items]``: over the catalogue with seen items excluded, or,
     for a sampled-ranking part, among each row's candidates (which never hold a seen item)."""
     users = part["user_id"].to_numpy()
@@ -74,7 +89,7 @@ def subset(part: pd.DataFrame, n: int, split_seed: int) -> pd.DataFrame:
     return part.iloc[evaluation_rows(len(part), n, split_seed)].reset_index(drop=True)
 
 
-def popularity_report(
+def popularityranking_metrics(
     train: pd.DataFrame, part: pd.DataFrame, n_items: int, n_boot: int
 ) -> dict[str, Estimate]:
     """The most-popular reference: every item ranked by its training count (histories and targets), seen items
@@ -82,4 +97,4 @@ def popularity_report(
     has learned nothing personal."""
     _, items = list_offsets_values(to_list_array(train["history"]))
     counts = np.bincount(np.concatenate([items, train["target"].to_numpy()]), minlength=n_items)
-    return _report(np.tile(counts.astype(np.float64), (len(part), 1)), part, n_boot)
+    return ranking_metrics(np.tile(counts.astype(np.float64), (len(part), 1)), part, n_boot)

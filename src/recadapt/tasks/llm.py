@@ -1,6 +1,7 @@
 """Evaluation of an LLM recommender on a protocol part: rank each row's candidates in the configured modes
 (next-item) or score p(Yes) (ctr), then report the protocol's metrics with bootstrap intervals. The training
-recipe and a reloaded run (``recadapt eval``) both call :func:`evaluate_llm`, so they score alike."""
+recipe and a reloaded run (``recadapt eval``) both call :func:`row_outputs` then :func:`report_outputs`, so they
+score alike (a run of several processes scores a share of the rows in each and gathers them before the report)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def prompt_inputs(batch: EncodedBatch, embedder: ItemEmbedder | None, *, grad: b
     return [embeds[r][mask[r]] for r in range(len(mask))]
 
 
-def evaluate_llm(
+def row_outputs(
     model: nn.Module,
     encoder: ItemTokenizer,
     factory: PromptFactory,
@@ -47,21 +48,17 @@ def evaluate_llm(
     batch_size: int,
     max_new_tokens: int,
     autocast: Callable[[], Any],
-    n_boot: int,
-    seed: int,
     progress: bool = False,
     cond_source: CondSource | None = None,
     retrieved: bool = False,
-) -> dict[str, dict[str, Estimate]]:
-    """Metrics per ranking mode (next-item) or ``{"ctr": ...}`` (AUC, LogLoss, Accuracy), on ``rows`` of the part.
+) -> dict[str, np.ndarray]:
+    """What the metrics are computed from, one entry per row of ``rows``: ``p_yes`` [n] (ctr), or per mode
+    ``scores/MODE`` [n, C] and ``valid/MODE`` [n] (next-item).
 
-    Next-item: HR@K, NDCG@K and MRR from each mode's :class:`~recadapt.llm.ranking.Ranking` (for ``generate`` and
-    ``constrained`` a top-1 only, so HR@K = HR@1), and ValidRatio with its CI; ``score`` also reports
-    AnswerNLL, the target's negative log-likelihood per answer token (the probe of whether an input is used
-    reads it beside HR@1). Prompts use the evaluation template,
-    hybrid when ``embedder`` is given, and the same history truncation as in training. Every forward (the
-    projection of CRM items, the adapter, the backbone) runs under ``autocast``, as in training; the caller passes
-    modules without accelerate's wrappers (:func:`_unwrapped`), so a trained and a reloaded run score alike.
+    Next-item: each mode's :class:`~recadapt.llm.ranking.Ranking` of the row's candidates. Prompts use the
+    evaluation template, hybrid when ``embedder`` is given, and the same history truncation as in training. Every
+    forward (the projection of CRM items, the adapter, the backbone) runs under ``autocast``, as in training; the
+    caller passes modules without accelerate's wrappers, so a trained and a reloaded run score alike.
     """
     from recadapt.llm.ranking import RankingMode, rank_candidates, yes_probability
 
@@ -110,29 +107,51 @@ def evaluate_llm(
                 )
                 scores[mode].append(ranking.scores)
                 valid[mode].append(ranking.valid)
+    if factory.protocol == "ctr":
+        return {"p_yes": np.concatenate(probs) if probs else np.zeros(0)}
+    n_candidates = len(factory.candidates[0]) if len(factory.candidates) else 0  # an empty share's shape
+    outputs: dict[str, np.ndarray] = {}
+    for mode in modes:
+        outputs[f"scores/{mode}"] = (
+            np.concatenate(scores[mode]) if scores[mode] else np.zeros((0, n_candidates))
+        )
+        outputs[f"valid/{mode}"] = np.concatenate(valid[mode]) if valid[mode] else np.zeros(0, dtype=bool)
+    return outputs
 
+
+def report_outputs(
+    factory: PromptFactory,
+    rows: np.ndarray,
+    outputs: dict[str, np.ndarray],
+    *,
+    modes: Sequence[str],
+    n_boot: int,
+    seed: int,
+) -> dict[str, dict[str, Estimate]]:
+    """The metrics of :func:`row_outputs` (of all ``rows``, in order), with bootstrap intervals over users.
+
+    Next-item: HR@K, NDCG@K and MRR (for ``generate`` and ``constrained`` a top-1 only, so HR@K = HR@1), and
+    ValidRatio; ``score`` also reports AnswerNLL, the target's negative log-likelihood per answer token (the probe
+    of whether an input is used reads it beside HR@1)."""
     users = factory.users[rows]
     if factory.protocol == "ctr":
         assert factory.labels is not None
-        return {
-            "ctr": ctr_report(factory.labels[rows], np.concatenate(probs), users, n_boot=n_boot, seed=seed)
-        }
+        return {"ctr": ctr_report(factory.labels[rows], outputs["p_yes"], users, n_boot=n_boot, seed=seed)}
     candidates = np.stack([factory.candidates[r] for r in rows])
     target_index = (candidates == factory.targets[rows][:, None]).argmax(axis=1)
     reports: dict[str, dict[str, Estimate]] = {}
     for mode in modes:
-        ranks = target_ranks(np.concatenate(scores[mode]), target_index)
+        mode_scores = outputs[f"scores/{mode}"]
+        ranks = target_ranks(mode_scores, target_index)
         # generate and constrained name one candidate, so only HitRatio@1 is defined for them
         ks = RANKING_KS[factory.protocol] if mode == "score" else (1,)
         report = ranking_report(ranks, users, ks=ks, n_boot=n_boot, seed=seed)
         if mode != "score":
             report = {"HR@1": report["HR@1"]}
         else:  # score mode's scores are log-likelihoods per answer token: the target's is the trained loss
-            target_scores = np.concatenate(scores[mode])[np.arange(len(rows)), target_index]
+            target_scores = mode_scores[np.arange(len(rows)), target_index]
             report["AnswerNLL"] = mean_with_ci(-target_scores, users, n_boot, seed)
-        report["ValidRatio"] = mean_with_ci(
-            np.concatenate(valid[mode]).astype(np.float64), users, n_boot, seed
-        )
+        report["ValidRatio"] = mean_with_ci(outputs[f"valid/{mode}"].astype(np.float64), users, n_boot, seed)
         reports[mode] = report
     return reports
 
@@ -151,7 +170,7 @@ def score_rows(
     retrieved: bool = False,
 ) -> list[np.ndarray]:
     """Per row of ``factory``: its candidates' ``score``-mode scores (next-item) or ``[p(Yes)]`` (ctr), with
-    prompts, conditioning and precision as :func:`evaluate_llm` builds them, all rows in batched forwards (what
+    prompts, conditioning and precision as :func:`row_outputs` builds them, all rows in batched forwards (what
     serving calls; rows may have different numbers of candidates)."""
     from recadapt.llm.scoring import score_candidates
 

@@ -2,6 +2,9 @@
 
 Resumable: after every epoch the model, optimizer, trainer state and RNG states are written atomically to
 ``RUN_DIR/checkpoint``; the best model by the validation metric is kept in ``RUN_DIR/best`` (safetensors + JSON).
+Runs on the accelerator when there is one, and in several processes when launched so (``recadapt train
+--processes N``): each takes a share of every batch and of every evaluation, gradients are averaged, rank 0 writes
+(:mod:`recadapt.train.distributed`).
 """
 
 from __future__ import annotations
@@ -27,9 +30,28 @@ from recadapt.data.store import prepared_for
 from recadapt.errors import ConfigError, NonFiniteLossError
 from recadapt.io import atomic_directory, write_json_atomic
 from recadapt.progress import progress_bar
-from recadapt.tasks.evaluate import evaluate_crm, evaluation_rows, monitor_metric
+from recadapt.tasks.evaluate import (
+    crm_scores,
+    evaluate_crm,
+    evaluation_rows,
+    monitor_metric,
+    report_from_scores,
+)
 from recadapt.tasks.metrics import Estimate
 from recadapt.train.config import RunConfig, model_options, save_config
+from recadapt.train.distributed import (
+    average_gradients,
+    barrier,
+    gather_rows,
+    global_sum,
+    is_main_process,
+    main_process_first,
+    process_rank_and_count,
+    process_state,
+    restore_rng,
+    rng_states,
+    shard,
+)
 from recadapt.train.logger import RunLogger, truncate_log
 from recadapt.train.runlock import run_dir_lock
 from recadapt.train.state import (
@@ -107,11 +129,15 @@ def model_kwargs(config: RunConfig) -> dict[str, Any]:
 
 
 def _save_checkpoint(run_dir: Path, model, optimizer, state: TrainerState) -> None:
-    with atomic_directory(run_dir / "checkpoint") as tmp:
-        save_crm(model, tmp / "model")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state)), encoding="utf-8")
+    """Rank 0 writes; every process's RNG state goes in (``per_process``, in rank order), all processes call it."""
+    rng = rng_states()
+    if is_main_process():
+        with atomic_directory(run_dir / "checkpoint") as tmp:
+            save_crm(model, tmp / "model")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(rng, tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state)), encoding="utf-8")
+    barrier()
 
 
 def _read_checkpoint_state(run_dir: Path) -> TrainerState | None:
@@ -128,7 +154,7 @@ def _load_checkpoint(run_dir: Path, model, optimizer) -> None:
         restored = load_crm(ckpt / "model")
         model.load_state_dict(restored.state_dict())
         optimizer.load_state_dict(load_tensors(ckpt / "optimizer.pt"))
-        torch.set_rng_state(load_tensors(ckpt / "rng.pt")["torch"])
+        restore_rng(load_tensors(ckpt / "rng.pt"), ckpt)
 
 
 def improves(value: float, state: TrainerState) -> bool:
@@ -153,6 +179,9 @@ def train_crm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
     With ``resume`` an existing checkpoint continues, if it was written under the same config; a finished run
     returns its metrics.
     """
+    process_state()  # the process group first (several CPU processes: gloo)
+    if not is_main_process():
+        return _train_crm(config, resume, progress)
     with run_dir_lock(config.run_dir):
         return _train_crm(config, resume, progress)
 
@@ -169,21 +198,27 @@ def _train_crm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
             "was written under a different training config (see its config.yaml); run with --restart to start "
             "over, or choose another run name (name=...)",
         )
-    save_config(config, run_dir / "config.yaml")  # only after the check: a refused run leaves it alone
+    main = is_main_process()
+    if main:
+        save_config(config, run_dir / "config.yaml")  # only after the check: a refused run leaves it alone
     evaluation = {"n_boot": config.train.n_boot}
     if state is not None and state.finished and (run_dir / "metrics.json").exists():
         previous = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         if previous.get("evaluation", evaluation) == evaluation:
             return previous
-    if state is None:  # a new run: nothing of an earlier one in this directory may mix with it
+    if state is None and main:  # a new run: nothing of an earlier one in this directory may mix with it
         for stale in ("metrics.json", "log.csv"):
             (run_dir / stale).unlink(missing_ok=True)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     data, tc, protocol = config.data, config.train, config.data.protocol
-    prepared = prepared_for(data)
+    with main_process_first():
+        prepared = prepared_for(data)
+    rank, world = process_rank_and_count()
+    device = process_state().device
     torch.manual_seed(tc.seed)
     model = build_crm(config.model_name, n_items=prepared.n_items, n_users=prepared.n_users, **options)
+    model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     if state is not None:
         _load_checkpoint(run_dir, model, optimizer)
@@ -196,7 +231,7 @@ def _train_crm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
     tensors = training_tensors(prepared, protocol, tc.max_len)
     n_train = len(tensors["target"])
     monitor = monitor_metric(protocol, tc.monitor)
-    logger = RunLogger(run_dir)
+    logger = RunLogger(run_dir) if main else None
     steps_per_epoch = math.ceil(n_train / tc.batch_size)
     if tc.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, tc.max_steps_per_epoch)
@@ -210,48 +245,53 @@ def _train_crm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
         )
         total = 0.0
         bar = progress_bar(
-            range(steps_per_epoch), desc=f"epoch {state.epoch + 1}/{tc.epochs}", enabled=progress, leave=False
+            range(steps_per_epoch),
+            desc=f"epoch {state.epoch + 1}/{tc.epochs}",
+            enabled=progress and main,
+            leave=False,
         )
         for i in bar:
-            index = order[i * tc.batch_size : (i + 1) * tc.batch_size]
-            loss = model.loss({k: v[index] for k, v in tensors.items()})
-            if not torch.isfinite(loss):
+            # this process's share of the global batch; its mean loss weighted by its share of the rows, and
+            # gradients averaged over processes: the update of one process on the whole batch
+            batch_index = order[i * tc.batch_size : (i + 1) * tc.batch_size]
+            index = shard(batch_index, rank, world)
+            optimizer.zero_grad(set_to_none=True)
+            local = 0.0
+            if len(index):
+                loss = model.loss({k: v[index].to(device) for k, v in tensors.items()})
+                local = float(loss.detach())
+                (loss * (len(index) * world / len(batch_index))).backward()
+            value = global_sum(local * len(index), device) / len(batch_index)
+            if not math.isfinite(value):
                 raise NonFiniteLossError(
-                    f"{run_dir}: loss is {loss.item()} at epoch {state.epoch + 1}, step {state.step}; "
+                    f"{run_dir}: loss is {value} at epoch {state.epoch + 1}, step {state.step}; "
                     "lower train.lr or check the data"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            average_gradients([p for p in model.parameters() if p.requires_grad])
             optimizer.step()
             state.step += 1
-            total += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            total += value
+            bar.set_postfix(loss=f"{value:.4f}")
         state.epoch += 1
-        valid = evaluate_crm(
-            model,
-            prepared.parts["valid"],
-            protocol,
-            prepared.n_items,
-            tc.max_len,
-            tc.eval_batch_size,
-            n_boot=0,
-        )
+        valid = _evaluate(model, prepared.parts["valid"], protocol, prepared.n_items, tc, n_boot=0)
         value = valid[monitor].value
-        logger.log(
-            state.epoch,
-            {
-                "train/loss": total / steps_per_epoch,
-                "time/epoch_seconds": time.time() - epoch_started,
-                **_flat(valid, "valid"),
-            },
-        )
+        if logger is not None:
+            logger.log(
+                state.epoch,
+                {
+                    "train/loss": total / steps_per_epoch,
+                    "time/epoch_seconds": time.time() - epoch_started,
+                    **_flat(valid, "valid"),
+                },
+            )
         if improves(value, state):
             state.best_value, state.best_epoch, state.bad_epochs = value, state.epoch, 0
-            with atomic_directory(run_dir / "best") as tmp:
-                save_crm(model, tmp)
+            if main:
+                with atomic_directory(run_dir / "best") as tmp:
+                    save_crm(model, tmp)
         else:
             state.bad_epochs += 1
-        if progress:
+        if progress and main:
             tqdm.write(
                 f"epoch {state.epoch}: loss {total / steps_per_epoch:.4f}  valid {monitor} {value:.4f}"
                 f"  (best {state.best_value:.4f} @ {state.best_epoch})"
@@ -260,20 +300,13 @@ def _train_crm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
             state.finished = True
         clock = add_train_time(state, clock)
         _save_checkpoint(run_dir, model, optimizer, state)
-    logger.close()
+    if logger is not None:
+        logger.close()
     train_seconds = time.time() - started
 
-    best = load_crm(run_dir / "best")
-    test = evaluate_crm(
-        best,
-        prepared.parts["test"],
-        protocol,
-        prepared.n_items,
-        tc.max_len,
-        tc.eval_batch_size,
-        n_boot=tc.n_boot,
-        seed=tc.seed,
-    )
+    barrier()  # rank 0 wrote best/
+    best = load_crm(run_dir / "best", map_location=device)
+    test = _evaluate(best, prepared.parts["test"], protocol, prepared.n_items, tc, n_boot=tc.n_boot)
     payload = {
         "run": config.run_name,
         "model": config.model_name,
@@ -285,16 +318,29 @@ def _train_crm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
         "epochs_run": state.epoch,
         "valid_monitor": {monitor: state.best_value},
         "train_samples": n_train,
+        "processes": world,
         "test_samples": len(prepared.parts["test"]),
         "train_seconds": rounded_train_seconds(state),
         "train_seconds_this_process": round(train_seconds, 1),
         "evaluation": evaluation,
         "test": {k: v.to_dict() for k, v in test.items()},
     }
-    write_json_atomic(run_dir / "metrics.json", payload)
+    if main:
+        write_json_atomic(run_dir / "metrics.json", payload)
     state.finished = True
     _save_checkpoint(run_dir, model, optimizer, state)
     return payload
+
+
+def _evaluate(model, part, protocol: str, n_items: int, tc, *, n_boot: int) -> dict[str, Estimate]:
+    """:func:`~recadapt.tasks.evaluate.evaluate_crm` with each process scoring a share of the rows (gathered in
+    order, so every row is scored once)."""
+    rank, world = process_rank_and_count()
+    share = part.iloc[shard(np.arange(len(part)), rank, world)]
+    scores = crm_scores(model, share, protocol, n_items, tc.max_len, tc.eval_batch_size)
+    if world > 1:
+        scores = gather_rows(scores.reshape(len(share), *scores.shape[1:]))
+    return report_from_scores(scores, part, protocol, n_boot=n_boot, seed=tc.seed)
 
 
 def evaluate_run(

@@ -11,6 +11,10 @@ are kept in ``RUN_DIR/best`` and score the test part.
 Resumable: ``RUN_DIR/checkpoint`` is replaced atomically every ``llm.checkpoint_every`` optimizer steps and at the
 end of every epoch (trainable weights, optimizer, scheduler, RNG, data position and the current item table), and a
 run started again continues from it. The sample order of an epoch depends only on (seed, stage, epoch).
+
+Several processes (``recadapt train --processes N``) split every micro-batch and average their gradients, and
+each ranks a share of the validation and test users (:mod:`recadapt.train.distributed`); rank 0 writes. Each
+process computes the whole item table (Laser's stage 1 encodes every item with the LLM: not yet split).
 """
 
 from __future__ import annotations
@@ -40,9 +44,22 @@ from recadapt.io import atomic_directory, write_json_atomic
 from recadapt.methods.base import FullRankingModel, Stage
 from recadapt.methods.registry import method, methods_of
 from recadapt.progress import progress_bar
-from recadapt.tasks.fullrank import rank_part, subset
+from recadapt.tasks.fullrank import catalogue_scores, rank_part, ranking_metrics, subset
 from recadapt.tasks.metrics import Estimate
 from recadapt.train.config import LLMConfig, RunConfig, run_fingerprints, save_config
+from recadapt.train.distributed import (
+    average_gradients,
+    barrier,
+    gather_rows,
+    global_sum,
+    is_main_process,
+    main_process_first,
+    process_rank_and_count,
+    process_state,
+    restore_rng,
+    rng_states,
+    shard,
+)
 from recadapt.train.logger import RunLogger, truncate_log
 from recadapt.train.runlock import run_dir_lock
 from recadapt.train.state import (
@@ -134,6 +151,16 @@ def training_samples(
 def _save_checkpoint(
     path: Path, model, optimizer, scheduler, state: FullRankState, table: Tensor | None
 ) -> None:
+    """Rank 0 writes (every process's RNG state in ``per_process``); all processes call it."""
+    rng = rng_states()
+    if is_main_process():
+        _write_checkpoint(path, model, optimizer, scheduler, state, table, rng)
+    barrier()
+
+
+def _write_checkpoint(
+    path: Path, model, optimizer, scheduler, state: FullRankState, table: Tensor | None, rng: dict[str, Any]
+) -> None:
     with atomic_directory(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()},
                   str(tmp / WEIGHTS))  # fmt: skip
@@ -141,7 +168,7 @@ def _save_checkpoint(
             save_file({"table": table.detach().cpu().contiguous()}, str(tmp / TABLE))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=1), encoding="utf-8")
 
 
@@ -205,6 +232,9 @@ def train_fullrank(
     ``evaluate_test=False`` (the adapter search's proxy runs) stops after model selection on validation. The
     run directory is this process's alone while it works (:func:`~recadapt.train.runlock.run_dir_lock`).
     """
+    process_state()  # the process group first (several CPU processes: gloo; GPUs: one each)
+    if not is_main_process():
+        return _train_fullrank(config, resume, progress, evaluate_test)
     with run_dir_lock(config.run_dir):
         return _train_fullrank(config, resume, progress, evaluate_test)
 
@@ -224,11 +254,15 @@ def _train_fullrank(config: RunConfig, resume: bool, progress: bool, evaluate_te
         raise ConfigError(
             ckpt, None, "was written under a different config; run with --restart to start over"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)  # only after the check: a refused run leaves config.yaml alone
-    save_config(config, run_dir / "config.yaml")
+    main = is_main_process()
+    rank, world = process_rank_and_count()
+    progress = progress and main
+    if main:  # only after the check: a refused run leaves config.yaml alone
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
     if state is not None and state.finished and (run_dir / "metrics.json").exists():
         return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    if state is None:
+    if state is None and main:
         for stale in (
             run_dir / "metrics.json",
             run_dir / "log.csv",
@@ -240,9 +274,11 @@ def _train_fullrank(config: RunConfig, resume: bool, progress: bool, evaluate_te
                 shutil.rmtree(stale)
             else:
                 stale.unlink(missing_ok=True)
-        state = FullRankState(fingerprint=digest)
+    barrier()
+    state = state or FullRankState(fingerprint=digest)
 
-    model, prepared, stages = build_run(config, progress)
+    with main_process_first():
+        model, prepared, stages = build_run(config, progress)
     histories, targets = training_samples(prepared, tc.max_len, llm.train_samples, config.data.split_seed)
     valid = subset(
         prepared.parts["valid"], int(config.model.get("valid_samples", 200)), config.data.split_seed
@@ -259,19 +295,22 @@ def _train_fullrank(config: RunConfig, resume: bool, progress: bool, evaluate_te
             table = load_trainable(model, ckpt)
             optimizer.load_state_dict(load_tensors(ckpt / "optimizer.pt"))
             scheduler.load_state_dict(load_tensors(ckpt / "scheduler.pt"))
-            torch.set_rng_state(load_tensors(ckpt / "rng.pt")["torch"])
-        truncate_log(run_dir / "log.csv", state.step)
-        truncate_log(run_dir / "valid.csv", state.step)
+            restore_rng(load_tensors(ckpt / "rng.pt"), ckpt)
+        if main:
+            truncate_log(run_dir / "log.csv", state.step)
+            truncate_log(run_dir / "valid.csv", state.step)
         print_fn(
             f"{config.run_name}: resuming at stage {state.stage} epoch {state.epoch} batch {state.batch}"
         )
-    logger, valid_logger = RunLogger(run_dir), RunLogger(run_dir, "valid.csv")
+    logger = RunLogger(run_dir) if main else None
+    valid_logger = RunLogger(run_dir, "valid.csv") if main else None
     started = time.time()
     n_trainable = sum(p.numel() for p in params)
-    print_fn(
-        f"{config.run_name}: {len(targets)} training samples, {total_steps} optimizer steps, "
-        f"{n_trainable:,} trainable parameters"
-    )
+    if main:
+        print_fn(
+            f"{config.run_name}: {len(targets)} training samples, {total_steps} optimizer steps, "
+            f"{n_trainable:,} trainable parameters"
+        )
 
     window = {"loss": 0.0, "aux": 0.0, "batches": 0, "tokens": 0, "time": time.time()}
     clock = time.time()
@@ -293,33 +332,43 @@ def _train_fullrank(config: RunConfig, resume: bool, progress: bool, evaluate_te
                 total=per_epoch, initial=state.batch, desc=label, enabled=progress, leave=False
             )
             while state.batch < per_epoch:
-                rows = order[state.batch * llm.batch_size : (state.batch + 1) * llm.batch_size]
+                # this process's share of the global micro-batch, its mean loss weighted by its share of the
+                # rows; the gradients are averaged over processes before the step
+                global_rows = order[state.batch * llm.batch_size : (state.batch + 1) * llm.batch_size]
+                rows = shard(global_rows, rank, world)
                 step_table = table if model.table_needs_llm else model.item_table()
-                loss, aux = model.loss(
-                    [histories[r] for r in rows], torch.from_numpy(targets[rows]), step_table
-                )
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"{config.run_name}: loss {loss.item()} at {label}, optimizer step {state.step}"
+                local_loss = local_aux = 0.0
+                tokens = 0
+                if len(rows):
+                    loss, aux = model.loss(
+                        [histories[r] for r in rows], torch.from_numpy(targets[rows]), step_table
                     )
-                (loss / llm.grad_accum).backward()
+                    local_loss, local_aux = float(loss.detach()), float(aux.detach())
+                    (loss * (len(rows) * world / len(global_rows)) / llm.grad_accum).backward()
+                    tokens = model.prompt_tokens([histories[r] for r in rows])
+                value = global_sum(local_loss * len(rows)) / len(global_rows)
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(
+                        f"{config.run_name}: loss {value} at {label}, optimizer step {state.step}"
+                    )
                 state.batch += 1
-                tokens = model.prompt_tokens([histories[r] for r in rows])
-                window["loss"] += loss.item()
-                window["aux"] += float(aux.detach())
+                tokens = int(global_sum(tokens))
+                window["loss"] += value
+                window["aux"] += global_sum(local_aux * len(rows)) / len(global_rows)
                 window["batches"] += 1
                 window["tokens"] += tokens
                 state.tokens += tokens
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{value:.4f}")
                 if state.batch % llm.grad_accum == 0 or state.batch == per_epoch:
+                    average_gradients(params)
                     if llm.max_grad_norm > 0:
                         torch.nn.utils.clip_grad_norm_(params, llm.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     state.step += 1
-                    if state.step % llm.log_every == 0:
+                    if state.step % llm.log_every == 0 and logger is not None:
                         elapsed = time.time() - window["time"]
                         logger.log(
                             state.step,
@@ -341,35 +390,39 @@ def _train_fullrank(config: RunConfig, resume: bool, progress: bool, evaluate_te
                 table = model.item_table(progress=progress)
             with torch.no_grad():
                 eval_table = table if model.table_needs_llm else model.item_table()
-            report = rank_part(
+            report = _rank_shared(
                 model, valid, eval_table, tc.max_len, llm.eval_batch_size, 0, progress=progress, desc="valid"
             )
             metric = report["NDCG@10"].value
-            valid_logger.log(state.step, {f"valid/{k}": v.value for k, v in report.items()})
-            print_fn(
-                f"{config.run_name}: {label}: valid NDCG@10 {metric:.4f}, HR@10 {report['HR@10'].value:.4f}"
-            )
+            if valid_logger is not None:
+                valid_logger.log(state.step, {f"valid/{k}": v.value for k, v in report.items()})
+                print_fn(
+                    f"{config.run_name}: {label}: valid NDCG@10 {metric:.4f}, HR@10 {report['HR@10'].value:.4f}"
+                )
             if metric > state.best_metric:
                 state.best_metric, state.best_label = metric, label
-                _save_best(run_dir / BEST_DIR, model, eval_table if model.table_needs_llm else None,
-                           {"label": label, **{k: v.to_dict() for k, v in report.items()}})  # fmt: skip
+                if main:
+                    _save_best(run_dir / BEST_DIR, model, eval_table if model.table_needs_llm else None,
+                               {"label": label, **{k: v.to_dict() for k, v in report.items()}})  # fmt: skip
             state.epoch, state.batch = state.epoch + 1, 0
             clock = add_train_time(state, clock)
             _save_checkpoint(ckpt, model, optimizer, scheduler, state, table)
         state.stage, state.epoch = state.stage + 1, 0
         table = None  # the next stage starts from its own table (stage 2: the best one)
     train_seconds = time.time() - started
-    logger.close()
-    valid_logger.close()
+    for open_logger in (logger, valid_logger):
+        if open_logger is not None:
+            open_logger.close()
 
     test, report = pd.DataFrame(), {}
+    barrier()  # rank 0 wrote best/
     if evaluate_test:
         best_table = load_trainable(model, run_dir / BEST_DIR)
         test = subset(prepared.parts["test"], llm.eval_samples, config.data.split_seed)
         with torch.no_grad():
             if best_table is None:
                 best_table = model.item_table()
-        report = rank_part(
+        report = _rank_shared(
             model,
             test,
             best_table,
@@ -397,12 +450,35 @@ def _train_fullrank(config: RunConfig, resume: bool, progress: bool, evaluate_te
         "train_seconds": rounded_train_seconds(state),
         "train_seconds_this_process": round(train_seconds, 1),
         "trainable_parameters": n_trainable,
+        "processes": world,
         "test": {k: v.to_dict() for k, v in report.items()},
     }
-    write_json_atomic(run_dir / "metrics.json", payload)
+    if main:
+        write_json_atomic(run_dir / "metrics.json", payload)
     state.finished = True
     _save_checkpoint(ckpt, model, optimizer, scheduler, state, None)
     return payload
+
+
+def _rank_shared(
+    model: FullRankingModel,
+    part: pd.DataFrame,
+    table: Tensor,
+    max_len: int,
+    batch_size: int,
+    n_boot: int,
+    *,
+    progress: bool = False,
+    desc: str = "ranking",
+) -> dict[str, Estimate]:
+    """:func:`~recadapt.tasks.fullrank.rank_part` with each process ranking a share of the users (gathered in
+    order: every user ranked once)."""
+    rank, world = process_rank_and_count()
+    if world == 1:
+        return rank_part(model, part, table, max_len, batch_size, n_boot, progress=progress, desc=desc)
+    share = part.iloc[shard(np.arange(len(part)), rank, world)]
+    scores = catalogue_scores(model, share, table, max_len, batch_size, progress=progress, desc=desc)
+    return ranking_metrics(gather_rows(scores), part, n_boot)
 
 
 def evaluate_fullrank_run(run_dir: Path, part: str = "test", n_boot: int | None = None,

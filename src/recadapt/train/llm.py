@@ -46,7 +46,7 @@ from recadapt.llm.injection import ItemEmbedder, build_projector
 from recadapt.llm.samples import PromptFactory, item_titles, resolve_domain
 from recadapt.methods.registry import method
 from recadapt.tasks.evaluate import evaluation_rows
-from recadapt.tasks.llm import evaluate_llm
+from recadapt.tasks.llm import report_outputs, row_outputs
 from recadapt.tasks.metrics import Estimate
 from recadapt.train.config import (
     LLMConfig,
@@ -56,8 +56,9 @@ from recadapt.train.config import (
     run_fingerprints,
     save_config,
 )
+from recadapt.train.distributed import gather_rows, process_state, shard
 from recadapt.train.llm_loop import CHECKPOINT_DIR, LLMTrainerState, read_checkpoint_state, train_loop
-from recadapt.train.precision import make_accelerator, select_precision, unwrapped
+from recadapt.train.precision import make_accelerator, select_precision
 from recadapt.train.runlock import run_dir_lock
 from recadapt.train.state import rounded_train_seconds
 
@@ -164,17 +165,13 @@ def train_llm(config: RunConfig, resume: bool = True, progress: bool = True) -> 
     With ``resume`` a run directory holding a checkpoint continues from it (a finished run returns its metrics);
     without, training starts over. The main process holds the run directory's lock throughout.
     """
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return _train_llm(config, resume, progress)
     with run_dir_lock(config.run_dir):
         return _train_llm(config, resume, progress)
 
 
 def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any]:
-    from accelerate import PartialState
-
     from recadapt.llm.backbone import load_backbone
 
     method_name = config.model_name
@@ -189,8 +186,8 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
     fingerprints = run_fingerprints(config, llm, ignore=_EVAL_ONLY_FIELDS)
     fingerprint = fingerprints[0]
 
-    precision, why = select_precision(PartialState().device, llm.precision)
-    accelerator = make_accelerator(precision, gradient_accumulation_steps=llm.grad_accum)
+    precision, why = select_precision(process_state().device, llm.precision)
+    accelerator = make_accelerator(precision)
     main = accelerator.is_main_process
     log.info("%s: mixed precision %s (%s)", run_dir, precision, why)
     if progress and main:
@@ -230,7 +227,9 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
         prepared = prepared_for(data)
     domain = resolve_domain(data.dataset, llm.domain)
     torch.manual_seed(tc.seed)  # LoRA and projector initialisation (a resumed run loads them anyway)
-    backbone = load_backbone(llm.backbone, dtype=llm.dtype, device=accelerator.device)
+    backbone = load_backbone(
+        llm.backbone, dtype=llm.dtype, device=accelerator.device, quantization=llm.quantization
+    )
     backbone.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     encoder = ItemTokenizer(backbone.tokenizer, model=backbone.model)
     item_vectors = _retrieval_vectors(config, backbone, prepared, progress and main)
@@ -243,9 +242,22 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
         apply_retrieval(train_factory, item_vectors)
     subset = training_rows(prepared.parts["train"], data.protocol, llm.train_samples, data.split_seed)
     model: nn.Module = backbone.model
-    adapted: nn.Module | None = None
     if spec.trains:
-        model, adapted, projector, state = train_loop(
+
+        def validate(adapted: nn.Module, projector: nn.Module | None) -> float:
+            return _validation_metric(
+                config,
+                adapted,
+                encoder,
+                prepared,
+                item_table,
+                projector,
+                accelerator,
+                cond_source,
+                item_vectors,
+            )
+
+        model, projector, state = train_loop(
             accelerator,
             config,
             llm,
@@ -257,6 +269,7 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
             projector,
             state or LLMTrainerState(fingerprint=fingerprint, num_processes=accelerator.num_processes),
             cond_source=cond_source,
+            validate=validate if llm.valid_every else None,
             progress=progress,
         )
     train_seconds = time.time() - started
@@ -268,26 +281,24 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
         with atomic_directory(ckpt_dir) as tmp:
             (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=1), encoding="utf-8")
 
+    # every process scores its share of the test rows; rank 0 writes the report
+    rows, reports = _evaluate_part(
+        config,
+        model,
+        encoder,
+        prepared,
+        "test",
+        item_table=item_table,
+        projector=projector,
+        modes=llm.eval_modes,
+        autocast=accelerator.autocast,
+        n_boot=tc.n_boot,
+        progress=progress and main,
+        cond_source=cond_source,
+        item_vectors=item_vectors,
+    )
     payload: dict[str, Any] = {}
     if main:
-        # accelerate's mixed-precision wrappers come off: evaluation sets its own autocast, the same one a
-        # reloaded run uses (evaluate_llm_run), so both paths compute identical scores
-        base = unwrapped(accelerator, adapted) if adapted is not None else model
-        rows, reports = _evaluate_part(
-            config,
-            base,
-            encoder,
-            prepared,
-            "test",
-            item_table=item_table,
-            projector=unwrapped(accelerator, projector) if projector is not None else None,
-            modes=llm.eval_modes,
-            autocast=accelerator.autocast,
-            n_boot=tc.n_boot,
-            progress=progress,
-            cond_source=cond_source,
-            item_vectors=item_vectors,
-        )
         headline = "ctr" if data.protocol == "ctr" else llm.eval_modes[0]
         payload = {
             "run": config.run_name,
@@ -298,6 +309,7 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
             "split_seed": data.split_seed,
             "backbone": llm.backbone,
             "precision": precision,
+            "processes": accelerator.num_processes,
             "optimizer_steps": state.step if state is not None else 0,
             "train_tokens": state.tokens if state is not None else 0,
             "train_samples": len(subset) if spec.trains else 0,
@@ -308,6 +320,13 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
             "evaluation": evaluation,
             "test": {k: v.to_dict() for k, v in reports[headline].items()},
         }
+        if spec.trains and llm.valid_every and state is not None and state.best_value is not None:
+            payload["model_selection"] = {
+                "metric": _VALID_METRIC[data.protocol == "ctr"],
+                "best_step": state.best_step,
+                "best_valid": state.best_value,
+                "valid_samples": llm.valid_samples,
+            }
         if data.protocol != "ctr":
             payload["test_by_mode"] = {m: {k: v.to_dict() for k, v in r.items()} for m, r in reports.items()}
         write_json_atomic(run_dir / "metrics.json", payload)
@@ -315,6 +334,43 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
     if not main:
         payload = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     return payload
+
+
+# the validation metric of model selection (llm.valid_every), higher is better: next-item ranks, ctr classifies
+_VALID_METRIC = {False: "MRR", True: "AUC"}
+
+
+def _validation_metric(
+    config: RunConfig,
+    adapted: nn.Module,
+    encoder: ItemTokenizer,
+    prepared: Prepared,
+    item_table: Tensor | None,
+    projector: nn.Module | None,
+    accelerator: Any,
+    cond_source: CondSource | None,
+    item_vectors: np.ndarray | None,
+) -> float:
+    """Model selection's score of the current adapter: score-mode MRR (ctr: AUC) on ``llm.valid_samples``
+    validation rows, each process scoring a share."""
+    llm = config.llm or LLMConfig()
+    ctr = config.data.protocol == "ctr"
+    _, reports = _evaluate_part(
+        dataclasses.replace(config, llm=dataclasses.replace(llm, eval_samples=llm.valid_samples)),
+        adapted,
+        encoder,
+        prepared,
+        "valid",
+        item_table=item_table,
+        projector=projector,
+        modes=["score"],
+        autocast=accelerator.autocast,
+        n_boot=0,
+        progress=False,
+        cond_source=cond_source,
+        item_vectors=item_vectors,
+    )
+    return float(reports["ctr" if ctr else "score"][_VALID_METRIC[ctr]].value)
 
 
 def _collaborative_inputs(
@@ -421,23 +477,24 @@ def _evaluate_part(
     if item_vectors is not None:  # ReLLa evaluates on the retrieved view (recent, mixed: trained on both)
         apply_retrieval(factory, item_vectors)
     rows = evaluation_rows(len(factory), llm.eval_samples, config.data.split_seed)
-    reports = evaluate_llm(
+    state = process_state()
+    outputs = row_outputs(  # this process's share of the rows, gathered in rank order: each row once
         model,
         encoder,
         factory,
-        rows,
+        np.asarray(shard(rows, state.process_index, state.num_processes)),
         modes=modes,
         embedder=embedder,
         max_tokens=llm.max_prompt_tokens,
         batch_size=llm.eval_batch_size,
         max_new_tokens=llm.max_new_tokens,
         autocast=autocast,
-        n_boot=n_boot,
-        seed=config.train.seed,
         progress=progress,
         cond_source=cond_source,
         retrieved=item_vectors is not None,
     )
+    outputs = {key: gather_rows(value) for key, value in outputs.items()}
+    reports = report_outputs(factory, rows, outputs, modes=modes, n_boot=n_boot, seed=config.train.seed)
     return rows, reports
 
 
@@ -472,8 +529,6 @@ def load_llm_run(run_dir: Path, *, shuffle_crm: bool = False, progress: bool = F
     """Rebuild a finished LLM run from ``config.yaml`` and its ``final`` adapter and projector: the backbone, the
     CRM's item table and conditioning (``shuffle_crm``: the shuffled-table probe, see
     :func:`_collaborative_inputs`), ReLLa's retrieval vectors, in the run's precision."""
-    from accelerate import PartialState
-
     from recadapt.llm.backbone import load_backbone
     from recadapt.train.config import load_config
 
@@ -491,12 +546,14 @@ def load_llm_run(run_dir: Path, *, shuffle_crm: bool = False, progress: bool = F
             f"{run_dir} has no trained adapter in {final} (expected {ADAPTER_FILE} or {PERSONAL_ADAPTER_DIR}/); "
             "train it first"
         )
-    accelerator = make_accelerator(select_precision(PartialState().device, llm.precision)[0])
+    accelerator = make_accelerator(select_precision(process_state().device, llm.precision)[0])
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     prepared = prepared_for(config.data)
     torch.manual_seed(config.train.seed)  # as in training: the same resized-embedding initialisation
-    backbone = load_backbone(llm.backbone, dtype=llm.dtype, device=accelerator.device)
+    backbone = load_backbone(
+        llm.backbone, dtype=llm.dtype, device=accelerator.device, quantization=llm.quantization
+    )
     encoder = ItemTokenizer(backbone.tokenizer, model=backbone.model)
     model: nn.Module = backbone.model
     item_vectors = _retrieval_vectors(config, backbone, prepared, progress)

@@ -1,11 +1,14 @@
 """The LLM recipe's training loop and its checkpoints.
 
-One loop on Hugging Face ``accelerate``: gradient accumulation, linear warm-up then cosine decay, one learning
-rate for the adapter and one for LLaRA's projector, length-bucketed batches. Every ``llm.checkpoint_every``
-optimizer steps ``RUN_DIR/checkpoint`` is replaced atomically with the adapter, the projector, optimizer and
-scheduler states, RNG states and the data position; a run started again continues at the exact micro-batch.
-Dropout draws are reseeded from (seed, step, process) at every optimizer step, so a resumed step draws what the
-uninterrupted step drew whatever ran in between.
+One loop for every LLM method: gradient accumulation, linear warm-up then cosine decay, one learning rate for the
+adapter and one for LLaRA's projector, length-bucketed batches, mixed precision from ``accelerate``. Several
+processes split every micro-batch and average their gradients (:mod:`recadapt.train.distributed`), so a run's
+updates do not depend on the process count. Every ``llm.checkpoint_every`` optimizer steps ``RUN_DIR/checkpoint``
+is replaced atomically with the adapter, the projector, optimizer and scheduler states, RNG states and the data
+position; a run started again continues at the exact micro-batch. Dropout draws are reseeded from (seed, step,
+process) at every optimizer step, so a resumed step draws what the uninterrupted step drew whatever ran in between.
+With ``llm.valid_every`` the adapter is scored on validation rows every so many steps and the best one kept in
+``RUN_DIR/best`` (optionally stopping early after ``llm.patience`` validations without improvement).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +35,7 @@ from recadapt.adapters.build import (
     save_weights,
 )
 from recadapt.cf.runs import CondSource
-from recadapt.data.samplers import PlannedBatches, collate_indices, length_bucketed_batches
+from recadapt.data.samplers import length_bucketed_batches
 from recadapt.errors import NonFiniteLossError
 from recadapt.io import atomic_directory
 from recadapt.llm.encoding import IGNORE_INDEX, EncodedBatch, ItemTokenizer
@@ -46,6 +49,7 @@ from recadapt.llm.samples import (
 )
 from recadapt.progress import progress_bar
 from recadapt.train.config import LLMConfig, RunConfig
+from recadapt.train.distributed import average_gradients, global_sum, shard
 from recadapt.train.logger import RunLogger, truncate_log
 from recadapt.train.state import add_train_time, load_tensors, read_state, reading_checkpoint
 
@@ -54,7 +58,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_DIR, BEST_DIR = "checkpoint", "best"
 STREAM_STEP = 14  # the random stream of the per-step dropout seeds
 
 
@@ -64,8 +68,8 @@ class LLMTrainerState:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0  # the epoch in progress (0-based)
-    batch_in_epoch: int = 0  # micro-batches of that epoch this process has consumed
-    tokens: int = 0  # tokens this process has trained on
+    batch_in_epoch: int = 0  # micro-batches (global: all processes' shares together) of that epoch consumed
+    tokens: int = 0  # tokens trained on, all processes together
     window_loss: float = 0.0  # sums since the last log row
     window_batches: int = 0
     window_tokens: int = 0
@@ -73,6 +77,15 @@ class LLMTrainerState:
     num_processes: int = 1
     fingerprint: str = ""
     train_seconds: float | None = 0.0  # over every process of the run (None: begun before this was recorded)
+    # model selection (llm.valid_every): the best validation metric, the step that reached it, and the
+    # validations since it (early stopping)
+    best_value: float | None = None
+    best_step: int = 0
+    bad_validations: int = 0
+
+
+# scores the current adapter on validation rows (every process calls it: each scores a share); higher is better
+Validator = Callable[[nn.Module, "nn.Module | None"], float]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -226,16 +239,18 @@ def train_loop(
     state: LLMTrainerState,
     *,
     cond_source: CondSource | None = None,
+    validate: Validator | None = None,
     progress: bool,
-) -> tuple[nn.Module, nn.Module, nn.Module | None, LLMTrainerState]:
-    """The training loop; returns the prepared model, the adapted (PEFT or AdaptedModel) model, the projector
-    and the final state."""
+) -> tuple[nn.Module, nn.Module | None, LLMTrainerState]:
+    """The training loop; returns the adapted (PEFT or AdaptedModel) model, the projector and the final state.
+    With ``validate`` (and ``llm.valid_every``) the best adapter is kept in ``RUN_DIR/best``."""
     from transformers import get_cosine_schedule_with_warmup
 
     from recadapt.llm.retrieval import mixed_view
 
     seed, run_dir = config.train.seed, config.run_dir
     ckpt_dir = run_dir / CHECKPOINT_DIR
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     adapted = attach_adapter(backbone_model, llm, cond_source.dim if cond_source else 0)
     if llm.gradient_checkpointing:
         enable_gradient_checkpointing(adapted)
@@ -244,6 +259,7 @@ def train_loop(
         groups.append(
             {"params": list(projector.parameters()), "lr": llm.projector_lr or llm.lr, "name": "projector"}
         )
+    trainable = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=llm.lr, weight_decay=llm.weight_decay)
 
     # training entries: one per sample, or (ReiT's "both") one per sample and view
@@ -261,30 +277,19 @@ def train_loop(
     ]
     lengths = np.array([len(ids) for ids in encoder.tokenizer(texts, add_special_tokens=False)["input_ids"]])
 
-    def loader_for(epoch: int) -> Any:
-        plan = length_bucketed_batches(
+    def plan_for(epoch: int) -> list[list[int]]:
+        """The epoch's global micro-batches, the same in every process (seed and epoch decide them)."""
+        return length_bucketed_batches(
             lengths, llm.batch_size, seed=seed, epoch=epoch, chunk_batches=llm.bucket_batches
         )
-        loader = torch.utils.data.DataLoader(
-            range(len(entry_rows)),
-            batch_sampler=PlannedBatches(plan, llm.batch_size),
-            collate_fn=collate_indices,
-        )
-        return accelerator.prepare_data_loader(loader)
 
-    steps_per_epoch = math.ceil(len(loader_for(0)) / llm.grad_accum)
+    steps_per_epoch = math.ceil(len(plan_for(0)) / llm.grad_accum)
     total_steps = llm.max_steps or llm.epochs * steps_per_epoch
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, math.ceil(llm.warmup_ratio * total_steps), total_steps
     )
-    # the projector is saved and loaded unwrapped; the prepared one (DDP under several processes) trains
-    raw_projector = projector
-    if projector is not None:
-        model, projector, optimizer = accelerator.prepare(adapted, projector, optimizer)
-    else:
-        model, optimizer = accelerator.prepare(adapted, optimizer)
     if state.step > 0 or state.finished:
-        load_checkpoint(accelerator, ckpt_dir, adapted, raw_projector, optimizer, scheduler)
+        load_checkpoint(accelerator, ckpt_dir, adapted, projector, optimizer, scheduler)
         state.window_tokens = 0  # tokens/s restarts with the clock; loss sums carry over
         log.info(
             "resuming %s at step %d (epoch %d, batch %d)",
@@ -293,130 +298,188 @@ def train_loop(
             state.epoch,
             state.batch_in_epoch,
         )
-    if accelerator.is_main_process:
+    # accelerate's optimizer wrapper brings fp16's loss scaling; the model stays unwrapped (no DDP: gradients are
+    # averaged explicitly, see recadapt.train.distributed) and every forward runs under accelerator.autocast
+    optimizer = accelerator.prepare_optimizer(optimizer)
+    if main:
         truncate_log(run_dir / "log.csv", state.step)
-    logger = RunLogger(run_dir) if accelerator.is_main_process else None
+        truncate_log(run_dir / "valid.csv", state.step)
+    logger = RunLogger(run_dir) if main else None
+    valid_logger = (
+        RunLogger(run_dir, "valid.csv") if main and validate is not None and llm.valid_every else None
+    )
 
     embedder = (
-        ItemEmbedder(accelerator.unwrap_model(model).get_input_embeddings(), item_table, projector)
+        ItemEmbedder(adapted.get_input_embeddings(), item_table, projector)
         if item_table is not None and projector is not None
         else None
     )
     schedule = HybridSchedule if llm.curriculum == "hybrid" else CurriculumSchedule
     curriculum = schedule(total_steps, seed=seed) if embedder is not None else None
-    trainable = [p for group in groups for p in group["params"]]
-    if llm.objective != "generative" and accelerator.num_processes > 1:
-        raise ValueError(
-            f"llm.objective={llm.objective} runs in one process for now: its packed forward calls the model "
-            "without the distributed wrapper's gradient synchronisation"
-        )
-    bar = progress_bar(
-        total=total_steps,
-        initial=state.step,
-        desc=config.run_name,
-        enabled=progress and accelerator.is_main_process,
-    )
+    bar = progress_bar(total=total_steps, initial=state.step, desc=config.run_name, enabled=progress and main)
     window_started = clock = time.time()
-    model.train()
-    if projector is not None:
-        projector.train()
+
+    def train_mode() -> None:
+        adapted.train()
+        if projector is not None:
+            projector.train()
+
+    train_mode()
     while state.step < total_steps and not state.finished:
-        loader = loader_for(state.epoch)
-        epoch_batches = len(loader)
-        if state.batch_in_epoch >= epoch_batches:
+        plan = plan_for(state.epoch)
+        if state.batch_in_epoch >= len(plan):
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             continue
-        if state.batch_in_epoch:
-            loader = accelerator.skip_first_batches(loader, state.batch_in_epoch)
-        micro = 0  # micro-batch within the optimizer step (checkpoints fall on step boundaries)
-        for indices in loader:
-            if micro == 0:
-                torch.manual_seed(step_seed(seed, state.step, accelerator.process_index))
+        # an optimizer step takes grad_accum micro-batches (fewer at the end of an epoch); checkpoints and a
+        # resumed run fall on step boundaries
+        first = state.batch_in_epoch
+        step_batches = plan[first : first + llm.grad_accum]
+        torch.manual_seed(step_seed(seed, state.step, rank))
+        step_loss, step_tokens = 0.0, 0
+        for micro, batch_entries in enumerate(step_batches):
             hybrid = curriculum is not None and curriculum.use_hybrid(state.step, micro)
-            rows = [int(entry_rows[i]) for i in indices.tolist()]
+            entries = list(shard(batch_entries, rank, world))
+            rows = [int(entry_rows[i]) for i in entries]
             templates = [factory.template(r, seed=seed, epoch=state.epoch) for r in rows]
             if llm.history == "mixed":  # ReiT: each sample draws the recent or the retrieved view per epoch
                 views = [mixed_view(r, seed, state.epoch) for r in rows]
             else:
-                views = [bool(entry_views[i]) for i in indices.tolist()]
+                views = [bool(entry_views[i]) for i in entries]
             keys = [SampleKey(r, t, hybrid, v) for r, t, v in zip(rows, templates, views, strict=True)]
-            records = samples.records(keys)
-            batch = samples.training_batch(records).to(accelerator.device)
-            with accelerator.accumulate(*([model] if projector is None else [model, projector])):
+            local_sum, local_count, tokens = 0.0, 0, 0
+            loss: Tensor | None = None
+            if keys:  # a share may be empty (a batch smaller than the process count): zero gradients
+                records = samples.records(keys)
+                batch = samples.training_batch(records).to(accelerator.device)
+                tokens = int(batch.attention_mask.sum())
+                # the CRM's conditioning outside autocast, as evaluation computes it
                 cond = cond_source(*conditioning_inputs(records)) if cond_source is not None else None
-                if llm.objective == "generative":
-                    loss = forward_loss(model, batch, embedder if hybrid else None, cond)
-                else:
-                    loss = listwise_loss(
-                        model,
-                        samples,
-                        records,
-                        embedder if hybrid else None,
-                        cond,
-                        objective=llm.objective,
-                    )
-                value = (
-                    float(accelerator.reduce(loss.detach(), "mean"))
-                    if accelerator.num_processes > 1
-                    else float(loss.detach())
+                with accelerator.autocast():
+                    if llm.objective == "generative":
+                        loss = forward_loss(adapted, batch, embedder if hybrid else None, cond)
+                        local_count = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+                    else:
+                        loss = listwise_loss(
+                            adapted,
+                            samples,
+                            records,
+                            embedder if hybrid else None,
+                            cond,
+                            objective=llm.objective,
+                        )
+                        local_count = len(records)
+                local_sum = float(loss.detach()) * local_count
+            # the micro-batch's mean over all shares: each share's sum over the global count (x world: the
+            # gradient average divides by it again), and the step's mean over its micro-batches
+            count = global_sum(local_count, accelerator.device)
+            value = global_sum(local_sum, accelerator.device) / max(count, 1)
+            if not math.isfinite(value) or (loss is not None and not math.isfinite(float(loss.detach()))):
+                raise NonFiniteLossError(
+                    f"{run_dir}: loss is {value} at epoch {state.epoch + 1}, step {state.step}; "
+                    "lower llm.lr or check the data"
                 )
-                if not math.isfinite(value):
-                    raise NonFiniteLossError(
-                        f"{run_dir}: loss is {value} at epoch {state.epoch + 1}, step {state.step}; "
-                        "lower llm.lr or check the data"
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and llm.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, llm.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            tokens = int(batch.attention_mask.sum())
-            state.batch_in_epoch += 1
-            state.tokens += tokens
-            state.window_loss += value
-            state.window_batches += 1
-            state.window_tokens += tokens
-            micro += 1
-            if not accelerator.sync_gradients:
-                continue
-            step_lr = scheduler.get_last_lr()[0]  # the LoRA learning rate this step used
-            scheduler.step()
-            state.step += 1
-            micro = 0
-            bar.update(1)
-            if state.step % llm.log_every == 0 or state.step == total_steps:
-                elapsed = max(time.time() - window_started, 1e-9)
-                row = {
-                    "train/loss": state.window_loss / state.window_batches,
-                    "train/lr": step_lr,
-                    "train/tokens_per_second": state.window_tokens * accelerator.num_processes / elapsed,
-                    "train/epoch": state.epoch + state.batch_in_epoch / epoch_batches,
-                }
-                if curriculum is not None:
-                    row["train/p_hybrid"] = curriculum.probability(state.step - 1)  # this step's
-                bar.set_postfix(
-                    loss=f"{row['train/loss']:.4f}", tok_s=f"{row['train/tokens_per_second']:.0f}"
-                )
-                if logger is not None:
-                    logger.log(state.step, row)
-                state.window_loss, state.window_batches, state.window_tokens = 0.0, 0, 0
-                window_started = time.time()
-            if state.step >= total_steps:
-                break
-            if state.step % llm.checkpoint_every == 0:
-                clock = add_train_time(state, clock)
-                save_checkpoint(accelerator, ckpt_dir, adapted, raw_projector, optimizer, scheduler, state)
-        else:
+            if loss is not None:
+                accelerator.backward(loss * (local_count * world / max(count, 1) / len(step_batches)))
+            step_loss += value
+            step_tokens += int(global_sum(tokens, accelerator.device))
+        average_gradients(trainable)
+        if llm.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(trainable, llm.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_lr = scheduler.get_last_lr()[0]  # the LoRA learning rate this step used
+        scheduler.step()
+        state.step += 1
+        state.batch_in_epoch += len(step_batches)
+        state.tokens += step_tokens
+        state.window_loss += step_loss
+        state.window_batches += len(step_batches)
+        state.window_tokens += step_tokens
+        bar.update(1)
+        if state.step % llm.log_every == 0 or state.step == total_steps:
+            elapsed = max(time.time() - window_started, 1e-9)
+            row = {
+                "train/loss": state.window_loss / state.window_batches,
+                "train/lr": step_lr,
+                "train/tokens_per_second": state.window_tokens / elapsed,
+                "train/epoch": state.epoch + state.batch_in_epoch / len(plan),
+            }
+            if curriculum is not None:
+                row["train/p_hybrid"] = curriculum.probability(state.step - 1)  # this step's
+            bar.set_postfix(loss=f"{row['train/loss']:.4f}", tok_s=f"{row['train/tokens_per_second']:.0f}")
+            if logger is not None:
+                logger.log(state.step, row)
+            state.window_loss, state.window_batches, state.window_tokens = 0.0, 0, 0
+            window_started = time.time()
+        if state.batch_in_epoch >= len(plan):
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        if (
+            validate is not None
+            and llm.valid_every
+            and (state.step % llm.valid_every == 0 or state.step >= total_steps)
+        ):
+            _validation(
+                accelerator, llm, run_dir, validate, adapted, projector, state, valid_logger, progress
+            )
+            train_mode()
+        if state.step >= total_steps:
+            break
+        if state.step % llm.checkpoint_every == 0:
+            clock = add_train_time(state, clock)
+            save_checkpoint(accelerator, ckpt_dir, adapted, projector, optimizer, scheduler, state)
     bar.close()
-    if not state.finished:
-        add_train_time(state, clock)
-    if logger is not None:
-        logger.close()
-    if accelerator.is_main_process:
+    add_train_time(state, clock)
+    for open_logger in (logger, valid_logger):
+        if open_logger is not None:
+            open_logger.close()
+    best = run_dir / BEST_DIR
+    if validate is not None and llm.valid_every and state.best_value is not None:
+        accelerator.wait_for_everyone()  # rank 0 wrote it
+        load_weights(best, adapted, projector)  # model selection: the final adapter is the best validated one
+    if main:
         with atomic_directory(run_dir / FINAL_DIR) as tmp:
-            save_weights(tmp, adapted, raw_projector, base_model=llm.backbone, tokenizer=encoder.tokenizer)
-    if not state.finished:
+            save_weights(tmp, adapted, projector, base_model=llm.backbone, tokenizer=encoder.tokenizer)
+    state.finished = True
+    save_checkpoint(accelerator, ckpt_dir, adapted, projector, optimizer, scheduler, state)
+    return adapted, projector, state
+
+
+def _validation(
+    accelerator: Accelerator,
+    llm: LLMConfig,
+    run_dir: Path,
+    validate: Validator,
+    adapted: nn.Module,
+    projector: nn.Module | None,
+    state: LLMTrainerState,
+    logger: RunLogger | None,
+    progress: bool,
+) -> None:
+    """Score the current adapter on validation rows; keep it in ``RUN_DIR/best`` when it is the best so far, and
+    mark the run finished once ``llm.patience`` validations in a row have not improved on the best."""
+    value = validate(adapted, projector)
+    improved = state.best_value is None or (math.isfinite(value) and value > state.best_value)
+    if improved:
+        state.best_value, state.best_step, state.bad_validations = value, state.step, 0
+        if accelerator.is_main_process:
+            with atomic_directory(run_dir / BEST_DIR) as tmp:
+                save_weights(tmp, adapted, projector, base_model=llm.backbone)
+                (tmp / "valid.json").write_text(
+                    json.dumps({"step": state.step, "value": value}, indent=1), encoding="utf-8"
+                )
+        accelerator.wait_for_everyone()
+    else:
+        state.bad_validations += 1
+    if logger is not None:
+        logger.log(state.step, {"valid/metric": value, "valid/best": state.best_value})  # valid.csv
+    if progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        tqdm.write(
+            f"step {state.step}: valid {value:.4f} (best {state.best_value:.4f} at step {state.best_step})"
+        )
+    if llm.patience and state.bad_validations >= llm.patience:
+        log.info(
+            "%s: no improvement in %d validations; stopping at step %d", run_dir, llm.patience, state.step
+        )
         state.finished = True
-        save_checkpoint(accelerator, ckpt_dir, adapted, raw_projector, optimizer, scheduler, state)
-    return model, adapted, projector, state

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -59,17 +58,13 @@ def make_accelerator(precision: str, **options: Any) -> Accelerator:
     a second precision in the same process ("AcceleratorState has already been initialized"), so a Python session
     that trains a bf16 run and then an fp32 one resets it first; only in a single-process run, where no other
     rank shares that state."""
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    from recadapt.train.distributed import needs_cpu_backend, process_state
+
+    state = process_state()  # first: several CPU processes need the gloo backend before anything else
     shared = AcceleratorState._shared_state
-    if shared and shared.get("_mixed_precision") != precision and PartialState().num_processes == 1:
+    if shared and shared.get("_mixed_precision") != precision and state.num_processes == 1:
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=precision, **options)
-
-
-def unwrapped(accelerator: Accelerator, module: nn.Module) -> nn.Module:
-    """``module`` as built, without the autocast and fp32-output wrappers ``accelerator.prepare`` puts on its
-    ``forward``: left on, they make a module's precision depend on which path built it (a trained run's projector
-    projected in bf16, a reloaded one in fp32), so the same run scored differently after reloading."""
-    return accelerator.unwrap_model(module, keep_fp32_wrapper=False)
+    return Accelerator(mixed_precision=precision, cpu=needs_cpu_backend(), **options)

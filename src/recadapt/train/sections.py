@@ -24,6 +24,7 @@ CURRICULA = ("linear", "hybrid")
 ITEM_PLACEMENTS = ("after", "before")  # as recadapt.llm.prompts.ITEM_PLACEMENTS
 OBJECTIVES = ("generative", "listwise", "both")
 PRECISIONS = ("auto", "bf16", "fp16", "no")
+QUANTIZATIONS = ("none", "4bit")  # as recadapt.llm.backbone.QUANTIZATIONS
 AMAZON_PREFIX = "amazon2018:"  # as recadapt.data.registry
 RECBOLE_PREFIX = "recbole:"  # as recadapt.data.registry (not imported: it loads the readers)
 _RANKING_MONITORS = ("HR@{k}", "NDCG@{k}")
@@ -153,11 +154,15 @@ class LLMConfig:
 
     LLM runs take ``train.seed``, ``train.max_len`` (history items in a prompt), ``train.n_boot`` and
     ``train.num_threads`` from the ``train`` section; everything else comes from here. Steps count optimizer
-    steps; one step is ``batch_size`` x ``grad_accum`` x processes samples.
+    steps; one step is ``batch_size`` x ``grad_accum`` samples, whatever the number of processes (each process
+    takes a share of every micro-batch: :mod:`recadapt.train.distributed`).
     """
 
     backbone: str = "smollm2-135m"  # alias, local model directory, .gguf file or hub id (load_backbone)
     dtype: str | None = None  # weight dtype; None: fp32 on CPU, bf16 (fp16 without bf16) on CUDA
+    # the frozen base weights: none = as dtype; 4bit = bitsandbytes NF4 with double quantization (QLoRA-style),
+    # CUDA only, the extra recadapt[quant]; not for GGUF backbones (load_backbone)
+    quantization: str = "none"
     precision: str = "auto"  # autocast bf16|fp16|no; auto: bf16 where the device runs it natively, else no
     domain: str = "auto"  # prompt templates (movie, artist, game, item); auto: from the dataset name
     item_tags: int = 0  # tags (LastFM) or genres (ml-100k) after each item name in prompts; 0: names only
@@ -185,7 +190,7 @@ class LLMConfig:
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
     epochs: int = 5
     max_steps: int = 0  # > 0: stop after this many optimizer steps (overrides epochs)
-    batch_size: int = 4  # micro-batch per process
+    batch_size: int = 4  # micro-batch, all processes together (each computes a share)
     grad_accum: int = 32  # micro-batches per optimizer step
     bucket_batches: int = 50  # length bucketing: sort by length within seeded chunks of this many batches
     checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
@@ -221,6 +226,13 @@ class LLMConfig:
     eval_samples: int = 0  # > 0: evaluate on a fixed random subset of the test part
     eval_batch_size: int = 8
     max_new_tokens: int = 64  # generate mode
+    # model selection: every valid_every optimizer steps (0: never) rank valid_samples validation rows (0: all)
+    # in score mode (ctr: p(Yes)) and keep the adapter with the best MRR (ctr: AUC) in RUN_DIR/best; the final
+    # adapter is then the best one, and the test part scores it. patience > 0 stops after that many validations
+    # without improvement
+    valid_every: int = 0
+    valid_samples: int = 256
+    patience: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.eval_modes, str):
@@ -278,10 +290,15 @@ class LLMConfig:
             raise ConfigError(
                 "config", "llm.precision", f"must be one of {PRECISIONS}, got {self.precision!r}"
             )
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                "config", "llm.quantization", f"must be one of {QUANTIZATIONS}, got {self.quantization!r}"
+            )
         positive = ("lora_r", "batch_size", "grad_accum", "bucket_batches", "checkpoint_every", "log_every")
         for name in (*positive, "eval_batch_size", "max_new_tokens", "max_prompt_tokens"):
             _check_min(f"llm.{name}", getattr(self, name), 1)
-        for name in ("epochs", "max_steps", "train_samples", "eval_samples", "max_grad_norm", "weight_decay"):
+        for name in ("epochs", "max_steps", "train_samples", "eval_samples", "max_grad_norm", "weight_decay",
+                     "valid_every", "valid_samples", "patience"):  # fmt: skip
             _check_min(f"llm.{name}", getattr(self, name), 0)
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("config", "llm.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
