@@ -53,7 +53,7 @@ def crm_scores(
     """Model outputs per protocol: candidate logits [N, C] (next-item, sampled-ranking), catalogue logits with
     seen items set to -inf [N, n_items] (full-ranking), or click probabilities [N] (ctr)."""
     model.eval()
-    device = next(model.parameters()).device
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))  # where the model lives
     history = torch.from_numpy(pad_histories(part["history"], max_len, n_items))
     target = torch.from_numpy(part["target"].to_numpy(np.int64, copy=True))
     user_id = torch.from_numpy(part["user_id"].to_numpy(np.int64, copy=True))

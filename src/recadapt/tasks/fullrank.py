@@ -89,7 +89,7 @@ def subset(part: pd.DataFrame, n: int, split_seed: int) -> pd.DataFrame:
     return part.iloc[evaluation_rows(len(part), n, split_seed)].reset_index(drop=True)
 
 
-def popularityranking_metrics(
+def popularity_report(
     train: pd.DataFrame, part: pd.DataFrame, n_items: int, n_boot: int
 ) -> dict[str, Estimate]:
     """The most-popular reference: every item ranked by its training count (histories and targets), seen items
