@@ -129,6 +129,7 @@ class Setup:
     weight_bits: str  # "bf16" or "nf4"
     gpus: int
     global_batch: int
+    fsdp: bool = False  # llm.fsdp: the frozen decoder-layer weights split over the GPUs
 
 
 def estimate(
@@ -140,6 +141,11 @@ def estimate(
         weights = shapes.linear_params() * NF4_BITS / 8 + shapes.other_params() * 2
         largest = max(i * o for i, o in shapes.linear_shapes().values())
         transient = largest * 2  # one weight dequantized to bf16 for its matmul
+    elif setup.fsdp:
+        # each GPU keeps 1/N of the decoder linear weights, the rest (embeddings, output layer, norms) whole, and
+        # gathers one layer at a time (two with the next one prefetched) in the forward and the backward
+        weights = shapes.linear_params() * 2 / setup.gpus + shapes.other_params() * 2
+        transient = 2 * (shapes.linear_params() // shapes.layers) * 2
     else:
         weights = shapes.params() * 2
         transient = 0
@@ -175,6 +181,7 @@ def table(args: argparse.Namespace) -> str:
         Setup(f"bf16 LoRA, 8 GPUs, batch {args.batch}", "bf16", 8, args.batch),
         Setup(f"bf16 LoRA, 8 GPUs, batch {8 * args.batch}", "bf16", 8, 8 * args.batch),
         Setup(f"4-bit QLoRA, 8 GPUs, batch {8 * args.batch}", "nf4", 8, 8 * args.batch),
+        Setup(f"bf16 LoRA + llm.fsdp, 8 GPUs, batch {8 * args.batch}", "bf16", 8, 8 * args.batch, fsdp=True),
     ]
     rows = [
         estimate(shapes, s, seq=args.seq, r=args.rank, targets=targets, answer=args.answer) for s in setups
@@ -198,7 +205,12 @@ def table(args: argparse.Namespace) -> str:
     def line(name: str, formula: str, key: str) -> None:
         lines.append(f"| {name} | {formula} | " + " | ".join(f"{r[key] / GIB:.2f}" for r in rows) + " |")
 
-    line("base weights", "bf16: 2 B x 6.74e9; nf4: 4.127 bit x linear + 2 B x rest + 1 weight", "weights")
+    line(
+        "base weights",
+        "bf16: 2 B x 6.74e9; nf4: 4.127 bit x linear + 2 B x rest + 1 weight; fsdp: 2 B x linear / N + 2 B x "
+        "rest + 2 layers gathered",
+        "weights",
+    )
     line("LoRA weight, grad, AdamW", f"{LORA_BYTES} B x {lora:,} (+4 B all-reduce buffer on 8 GPUs)", "lora")
     line("logits (answer only)", f"rows x {args.answer} x V x (2+4+4) B", "logits")
     line("activations, SDPA attention", "L x 34sbh B", "act")

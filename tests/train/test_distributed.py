@@ -159,3 +159,53 @@ def test_resuming_with_another_process_count_is_refused(workdir: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "written by 2 processes, this run has 1" in done.stderr
+
+
+def test_fsdp_shards_the_frozen_layers_and_leaves_the_adapters_whole(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [str(REPO / "tests" / "fsdp_probe.py"), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["layers"] == 2  # the tiny Llama's two decoder layers
+    for name, numel in ranks[0]["full"].items():
+        held = [r["held"][name] for r in ranks]
+        if "lora_" in name:  # trainable: whole in every process
+            assert held == [numel, numel] and ranks[0]["kinds"][name] == "Parameter", name
+        elif ".layers." in name:  # frozen decoder weights: split, each row in one process
+            assert sum(held) == numel and max(held) < numel and ranks[0]["kinds"][name] == "DTensor", name
+        else:  # embeddings, final norm, output layer: outside the layers, whole
+            assert held == [numel, numel], name
+
+
+@pytest.mark.slow
+def test_llara_with_fsdp_on_two_processes_trains_what_one_process_trains(workdir: Path) -> None:
+    crm = [
+        "--config",
+        str(REPO / "configs" / "sasrec.yaml"),
+        f"--dataset=recbole:{FIXTURE}",
+        "--protocol=next-item",
+        "model.hidden_size=16",
+        "train.epochs=1",
+        "train.n_boot=10",
+    ]
+    _train(workdir, "crm-for-llara", 1, *crm)
+    hybrid = [f"llm.crm_run={workdir / 'runs' / 'crm-for-llara'}", "llm.curriculum=hybrid"]
+    args = _llm_args(workdir, "llara", *hybrid, "llm.objective=listwise", "llm.train_samples=9")
+    _train(workdir, "llara-1", 1, *args)
+    _train(workdir, "llara-fsdp-2", 2, *args, "llm.fsdp=true")
+    for file in ("adapter_model.safetensors", "projector.safetensors"):
+        a = load_file(str(workdir / "runs" / "llara-1" / "final" / file))
+        b = load_file(str(workdir / "runs" / "llara-fsdp-2" / "final" / file))
+        assert a.keys() == b.keys()
+        moved = max(float((a[k] - b[k]).abs().max()) for k in a)
+        assert moved < 1e-4, f"{file}: FSDP on 2 processes trained other weights ({moved:.2e})"
+    first, second = (
+        json.loads((workdir / "runs" / run / "metrics.json").read_text())
+        for run in ("llara-1", "llara-fsdp-2")
+    )
+    assert second["processes"] == 2 and second["test_samples"] == first["test_samples"]
+    assert second["test"]["AnswerNLL"]["value"] == pytest.approx(
+        first["test"]["AnswerNLL"]["value"], rel=1e-4
+    )

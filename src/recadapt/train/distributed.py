@@ -203,3 +203,20 @@ def rng_states() -> dict[str, Any]:
     """What :func:`restore_rng` reads: every process's torch RNG state (collective: all processes call it)."""
     states = gather_objects(torch.get_rng_state())
     return {"torch": states[0], "per_process": states}
+
+
+def shard_frozen_layers(model: nn.Module, layer_types: Sequence[str]) -> int:
+    """Shard the frozen weights of every decoder layer of ``model`` (classes named in ``layer_types``, a
+    transformers model's ``_no_split_modules``) across the processes with PyTorch FSDP2; return how many layers.
+
+    The trainable parameters (adapters) are left out (``ignored_params``): they stay whole in every process, so
+    saving, loading, the optimizer and :func:`average_gradients` treat them as without sharding, while the base
+    weights, which hold the memory of a large backbone, take 1/N per process and are gathered one layer at a time
+    in each forward and backward. Every forward is then a collective: all processes must call it alike."""
+    from torch.distributed.fsdp import fully_shard
+
+    trainable = {p for p in model.parameters() if p.requires_grad}
+    layers = [m for m in model.modules() if type(m).__name__ in set(layer_types)]
+    for layer in layers:
+        fully_shard(layer, ignored_params=trainable & set(layer.parameters()))
+    return len(layers)

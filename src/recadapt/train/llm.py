@@ -141,6 +141,12 @@ def _check_config(config: RunConfig, llm: LLMConfig) -> None:
                 "llm.crm_run",
                 f"adapter {llm.adapter} is conditioned on a CRM: name a trained CRM run",
             )
+    if llm.fsdp and llm.quantization != "none":
+        raise config.error(
+            "llm.fsdp", "shards full-precision weights; a 4-bit base (llm.quantization) cannot be"
+        )
+    if llm.fsdp and not spec.trains:
+        raise config.error("llm.fsdp", f"{name} trains nothing; it has no use for sharded training")
     if spec.trains and llm.max_steps == 0 and llm.epochs == 0:
         raise config.error("llm.epochs", "set llm.epochs or llm.max_steps > 0 to train")
 
@@ -478,11 +484,14 @@ def _evaluate_part(
         apply_retrieval(factory, item_vectors)
     rows = evaluation_rows(len(factory), llm.eval_samples, config.data.split_seed)
     state = process_state()
-    outputs = row_outputs(  # this process's share of the rows, gathered in rank order: each row once
+    # this process's share of the rows, gathered in rank order: each row once; under llm.fsdp every forward is
+    # collective (the sharded layers gather their weights), so every process scores every row alike
+    split = state.num_processes > 1 and not llm.fsdp
+    outputs = row_outputs(
         model,
         encoder,
         factory,
-        np.asarray(shard(rows, state.process_index, state.num_processes)),
+        np.asarray(shard(rows, state.process_index, state.num_processes) if split else rows),
         modes=modes,
         embedder=embedder,
         max_tokens=llm.max_prompt_tokens,
@@ -493,7 +502,8 @@ def _evaluate_part(
         cond_source=cond_source,
         retrieved=item_vectors is not None,
     )
-    outputs = {key: gather_rows(value) for key, value in outputs.items()}
+    if split:
+        outputs = {key: gather_rows(value) for key, value in outputs.items()}
     reports = report_outputs(factory, rows, outputs, modes=modes, n_boot=n_boot, seed=config.train.seed)
     return rows, reports
 

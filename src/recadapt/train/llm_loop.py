@@ -49,7 +49,7 @@ from recadapt.llm.samples import (
 )
 from recadapt.progress import progress_bar
 from recadapt.train.config import LLMConfig, RunConfig
-from recadapt.train.distributed import average_gradients, global_sum, shard
+from recadapt.train.distributed import average_gradients, global_sum, shard, shard_frozen_layers
 from recadapt.train.logger import RunLogger, truncate_log
 from recadapt.train.state import add_train_time, load_tensors, read_state, reading_checkpoint
 
@@ -254,6 +254,14 @@ def train_loop(
     adapted = attach_adapter(backbone_model, llm, cond_source.dim if cond_source else 0)
     if llm.gradient_checkpointing:
         enable_gradient_checkpointing(adapted)
+    fsdp = llm.fsdp and world > 1
+    if fsdp:  # the frozen base weights split across the processes; the adapters stay whole
+        layer_types = getattr(backbone_model, "_no_split_modules", None) or []
+        if not shard_frozen_layers(adapted, layer_types):
+            raise ValueError(
+                f"llm.fsdp: no decoder layer of {type(backbone_model).__name__} found to shard (its "
+                f"_no_split_modules: {layer_types})"
+            )
     groups = adapted.param_groups(llm.lr)  # adapter weights at lr, a gate / conditioner at its own scale
     if projector is not None:
         groups.append(
@@ -339,6 +347,10 @@ def train_loop(
         for micro, batch_entries in enumerate(step_batches):
             hybrid = curriculum is not None and curriculum.use_hybrid(state.step, micro)
             entries = list(shard(batch_entries, rank, world))
+            # under FSDP every forward is collective: an empty share runs the batch's first row, weighted 0
+            stand_in = fsdp and not entries
+            if stand_in:
+                entries = list(batch_entries[:1])
             rows = [int(entry_rows[i]) for i in entries]
             templates = [factory.template(r, seed=seed, epoch=state.epoch) for r in rows]
             if llm.history == "mixed":  # ReiT: each sample draws the recent or the retrieved view per epoch
@@ -368,6 +380,8 @@ def train_loop(
                             objective=llm.objective,
                         )
                         local_count = len(records)
+                if stand_in:
+                    local_count, tokens = 0, 0
                 local_sum = float(loss.detach()) * local_count
             # the micro-batch's mean over all shares: each share's sum over the global count (x world: the
             # gradient average divides by it again), and the step's mean over its micro-batches

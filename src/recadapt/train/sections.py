@@ -207,6 +207,10 @@ class LLMConfig:
     # (lora, bottleneck): the personalized ones get their per-instance mix from hooks that live only during the
     # forward call, so a recomputed layer would miss it
     gradient_checkpointing: bool = False
+    # with several processes: shard the frozen backbone weights of each decoder layer across them (PyTorch FSDP2,
+    # fully_shard with the trainable adapter weights left whole), so each process holds 1/N of the base model;
+    # every forward is then collective, so evaluation rows are not split (docs/scaling.md)
+    fsdp: bool = False
     # conditioning of a personalized adapter: crm = the CRM run's representation of the user's history (iLoRA's
     # sequence representation), random = a fixed random vector per user (the ablation)
     cond: str = "crm"
