@@ -48,6 +48,18 @@ def _log(run_dir: Path, name: str = "log.csv") -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def _sasrec_args() -> list[str]:
+    """A 16-d SASRec on the fixture."""
+    config = str(REPO / "configs" / "sasrec.yaml")
+    return [
+        "--config",
+        config,
+        f"--dataset=recbole:{FIXTURE}",
+        "--protocol=next-item",
+        "model.hidden_size=16",
+    ]
+
+
 def _llm_args(workdir: Path, method: str, *extra: str) -> list[str]:
     return [
         "--config",
@@ -103,11 +115,7 @@ def test_two_llm_processes_train_the_weights_one_process_trains(workdir: Path, o
 @pytest.mark.slow
 def test_two_crm_processes_train_the_model_one_process_trains(workdir: Path) -> None:
     args = [
-        "--config",
-        str(REPO / "configs" / "sasrec.yaml"),
-        f"--dataset=recbole:{FIXTURE}",
-        "--protocol=next-item",
-        "model.hidden_size=16",
+        *_sasrec_args(),
         "model.dropout=0",
         "train.epochs=3",
         "train.n_boot=20",
@@ -181,16 +189,7 @@ def test_fsdp_shards_the_frozen_layers_and_leaves_the_adapters_whole(tmp_path: P
 
 @pytest.mark.slow
 def test_llara_with_fsdp_on_two_processes_trains_what_one_process_trains(workdir: Path) -> None:
-    crm = [
-        "--config",
-        str(REPO / "configs" / "sasrec.yaml"),
-        f"--dataset=recbole:{FIXTURE}",
-        "--protocol=next-item",
-        "model.hidden_size=16",
-        "train.epochs=1",
-        "train.n_boot=10",
-    ]
-    _train(workdir, "crm-for-llara", 1, *crm)
+    _train(workdir, "crm-for-llara", 1, *_sasrec_args(), "train.epochs=1", "train.n_boot=10")
     hybrid = [f"llm.crm_run={workdir / 'runs' / 'crm-for-llara'}", "llm.curriculum=hybrid"]
     args = _llm_args(workdir, "llara", *hybrid, "llm.objective=listwise", "llm.train_samples=9")
     _train(workdir, "llara-1", 1, *args)
