@@ -208,3 +208,47 @@ def test_llara_with_fsdp_on_two_processes_trains_what_one_process_trains(workdir
     assert second["test"]["AnswerNLL"]["value"] == pytest.approx(
         first["test"]["AnswerNLL"]["value"], rel=1e-4
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["darec", "laser"])
+def test_two_full_ranking_processes_train_what_one_process_trains(workdir: Path, method: str) -> None:
+    crm = workdir / "runs" / "sasrec-full"
+    if not (crm / "metrics.json").exists():
+        full = [*_sasrec_args(), "data.protocol=full-ranking", "model.max_len=10", "train.max_len=10"]
+        _train(workdir, "sasrec-full", 1, *full, "train.epochs=1", "train.n_boot=10")
+    args = [
+        "--config",
+        str(REPO / "configs" / f"{method}.yaml"),
+        f"--dataset=recbole:{FIXTURE}",
+        "--protocol=full-ranking",
+        f"llm.backbone={workdir / 'backbone'}",
+        f"llm.crm_run={crm}",
+        "train.n_boot=20",
+        "llm.train_samples=30",
+        "llm.batch_size=4",  # the last micro-batch of 2 rows: shares of 1
+        "llm.grad_accum=2",
+        "llm.epochs=1",
+        "llm.lr=1e-2",
+        "llm.eval_samples=30",
+        "llm.eval_batch_size=16",
+        "model.valid_samples=20",
+        "llm.lora_dropout=0",  # dropout draws differ between one and two processes
+    ]
+    if method == "laser":  # also no M-Former dropout, and no Switch balance loss: it is computed per share
+        args += ["model.dropout=0", "model.balance_weight=0"]
+    _train(workdir, f"{method}-1", 1, *args)
+    two = _train(workdir, f"{method}-2", 2, *args)
+    runs = workdir / "runs"
+    a = load_file(str(runs / f"{method}-1" / "best" / "trainable.safetensors"))
+    b = load_file(str(runs / f"{method}-2" / "best" / "trainable.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-4, msg=key)
+    first, second = (json.loads((runs / f"{method}-{n}" / "metrics.json").read_text()) for n in (1, 2))
+    assert (first["processes"], second["processes"]) == (1, 2)
+    assert first["optimizer_steps"] == second["optimizer_steps"]
+    assert first["test_samples"] == second["test_samples"] and first["train_tokens"] == second["train_tokens"]
+    for metric, value in first["test"].items():
+        assert second["test"][metric]["value"] == pytest.approx(value["value"], abs=1e-6), metric
+    assert two.stdout.count("optimizer steps") == 1

@@ -35,7 +35,6 @@ def mask_seen_items(scores: np.ndarray, part: pd.DataFrame) -> np.ndarray:
     return scores
 
 
-@torch.no_grad()
 def rank_part(
     model: FullRankingModel,
     part: pd.DataFrame,
@@ -52,6 +51,7 @@ def rank_part(
     return ranking_metrics(scores, part, n_boot)
 
 
+@torch.no_grad()
 def catalogue_scores(
     model: FullRankingModel,
     part: pd.DataFrame,
