@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
+
 from recadapt.cli import main
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "recbole" / "patterns" / "patterns"
@@ -62,3 +64,15 @@ def test_data_stats_and_prepare_with_kcore_and_popularity_negatives(tmp_path: Pa
     (folder,) = tmp_path.iterdir()
     assert folder.name.endswith("__16core")
     assert [p.name for p in folder.iterdir()] == ["sampled-ranking__n_negatives-9__negatives-popularity"]
+
+
+def test_overrides_are_read_on_both_sides_of_an_option(capsys):
+    """``recadapt train --config C a=1 --protocol P b=2``: both overrides reach the config (the second, a field
+    that does not exist, is the error), and anything else left over is still refused."""
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "sasrec.yaml")
+    assert main(["train", "--config", config, "train.seed=1", "--protocol", "ctr", "train.bogus=2"]) == 2
+    assert "train.bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["train", "--config", config, "train.seed=1", "--bogus"])
+    assert refused.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
