@@ -207,8 +207,18 @@ def dataset(out: Path, variant: str) -> str:
     return f"recbole:{folder / f'synth-{variant}-s0'}"
 
 
-def common_args(out: Path) -> tuple[str, ...]:
-    return (f"output_dir={out / 'runs'}", f"data.prepared_dir={out / 'prepared'}")
+# `long` hides the genre in the history older than the prompt's 10 items: its split persists this many history
+# items per sample (data.history_len), and its CRM reads them all; prompts still show train.max_len = 10
+LONG_HISTORY = 30
+
+
+def common_args(out: Path, variant: str, *, crm: bool = False) -> tuple[str, ...]:
+    args: tuple[str, ...] = (f"output_dir={out / 'runs'}", f"data.prepared_dir={out / 'prepared'}")
+    if variant == "long":
+        args += (f"data.history_len={LONG_HISTORY}",)
+        if crm:
+            args += (f"train.max_len={LONG_HISTORY}", f"model.max_len={LONG_HISTORY}")
+    return args
 
 
 def crm_run(out: Path, row: Row) -> Path:
@@ -220,8 +230,8 @@ def crm_run(out: Path, row: Row) -> Path:
         run(
             recadapt(
                 "train", "--config", str(REPO / "configs" / f"{row.crm}.yaml"),
-                "--dataset", dataset(out, row.variant), "--protocol", row.protocol, *common_args(out),
-                f"name={name}",
+                "--dataset", dataset(out, row.variant), "--protocol", row.protocol,
+                *common_args(out, row.variant, crm=True), f"name={name}",
             ),
             out / "logs" / f"{name}.log",
         )  # fmt: skip
@@ -266,7 +276,7 @@ def train_row(out: Path, row: Row) -> Path:
             recadapt(
                 "train", "--config", str(REPO / "configs" / f"{row.method}.yaml"),
                 "--dataset", dataset(out, row.variant), "--protocol", row.protocol,
-                *common_args(out), f"name={row.run_name}", *overrides,
+                *common_args(out, row.variant), f"name={row.run_name}", *overrides,
             ),
             out / "logs" / f"{row.run_name}.log",
         )  # fmt: skip

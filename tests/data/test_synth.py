@@ -132,3 +132,26 @@ def test_the_cli_writes_a_dataset_the_protocols_read(tmp_path: Path, capsys) -> 
     assert f"--dataset recbole:{path}" in capsys.readouterr().out
     dataset = load_dataset(f"recbole:{path}")
     assert dataset.interactions["user_id"].nunique() == 200 and len(dataset.items) == 5 * 25
+
+
+def test_long_needs_a_longer_persisted_history_to_show_the_genre(tmp_path: Path) -> None:
+    """Next-item persists 10 history items by default: on ``long`` they are the random recent ones, so no method
+    could see the user's genre. ``data.history_len=30`` keeps the older, in-genre part for a CRM to read (the
+    prompt still shows train.max_len items), and the split lives beside the default one."""
+    from recadapt.data.store import prepared_for
+    from recadapt.train.sections import DataConfig
+
+    spec = SynthSpec(variant="long", **SMALL)
+    dataset = f"recbole:{write_recbole(spec, tmp_path / 'data')}"
+    short = prepared_for(DataConfig(dataset=dataset, prepared_dir=str(tmp_path / "prepared")))
+    long = prepared_for(DataConfig(dataset=dataset, prepared_dir=str(tmp_path / "prepared"), history_len=30))
+    genre = np.repeat(np.arange(spec.n_genres), spec.items_per_genre)
+    for prepared, most in ((short, 10), (long, 30)):
+        test = prepared.parts["test"]
+        assert max(len(h) for h in test["history"]) <= most
+        target_genre = genre[test["target"].to_numpy()]
+        # the share of history items in the target's genre: chance in the last 10, most of the longer history
+        share = np.mean([np.mean(genre[h] == g) for h, g in zip(test["history"], target_genre, strict=True)])
+        assert (share < 0.3) if most == 10 else (share > 0.4), (most, share)
+    with pytest.raises(Exception, match="data.history_len"):
+        DataConfig(dataset=dataset, protocol="ctr", history_len=30)

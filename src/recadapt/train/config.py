@@ -285,7 +285,14 @@ def run_fingerprints(config: RunConfig, llm: LLMConfig, *, ignore: tuple[str, ..
         data = config.data
         payload = {
             "model": config.model,
-            "data": [data.dataset, data.protocol, data.split_seed],
+            # the split's own parameters (sampled negatives, next-item history length) only when set, so the
+            # digests of runs made before they were recorded stay the same
+            "data": [
+                data.dataset,
+                data.protocol,
+                data.split_seed,
+                *([data.protocol_params()] * bool(data.protocol_params())),
+            ],
             "train": [config.train.seed, config.train.max_len],
             "llm": llm_fields,
         }

@@ -90,6 +90,9 @@ class DataConfig:
     n_negatives: int = 19
     negatives: str = "uniform"
     kcore: int = 0  # > 1: keep the k-core (users and items with >= k interactions, repeated) before splitting
+    # next-item only: history items persisted per sample (LLaRA's 10). Prompts show train.max_len of them; a CRM
+    # (and RecLoRA's or iLoRA's conditioning) can read more: the synthetic `long` variant needs it
+    history_len: int = 10
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -101,6 +104,13 @@ class DataConfig:
             raise ConfigError(
                 "config", "data.negatives", f"must be one of {NEGATIVE_SAMPLERS}, got {self.negatives!r}"
             )
+        _check_min("data.history_len", self.history_len, 3)  # next-item's min_history
+        if self.history_len != _HISTORY_LEN and self.protocol != "next-item":
+            raise ConfigError(
+                "config",
+                "data.history_len",
+                f"only next-item persists a fixed history length, not {self.protocol}",
+            )
         if self.protocol != "sampled-ranking":
             for name, default in _SAMPLED_DEFAULTS.items():
                 if getattr(self, name) != default:
@@ -110,11 +120,17 @@ class DataConfig:
 
     def protocol_params(self) -> dict[str, int | str]:
         """The protocol parameters set away from their defaults (they name the prepared split's directory)."""
-        return {k: getattr(self, k) for k, v in _SAMPLED_DEFAULTS.items() if getattr(self, k) != v}
+        params: dict[str, int | str] = {
+            k: getattr(self, k) for k, v in _SAMPLED_DEFAULTS.items() if getattr(self, k) != v
+        }
+        if self.history_len != _HISTORY_LEN:
+            params["history_len"] = self.history_len
+        return params
 
 
 NEGATIVE_SAMPLERS = ("uniform", "popularity")  # as recadapt.data.protocols.NEGATIVE_SAMPLERS
 _SAMPLED_DEFAULTS = {"n_negatives": 19, "negatives": "uniform"}
+_HISTORY_LEN = 10  # next-item's default, as recadapt.data.protocols.next_item's
 
 
 @dataclass
