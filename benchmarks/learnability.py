@@ -128,6 +128,12 @@ NEXT_ITEM = {
     "rellax+scaled+hybrid+before": ("rellax", (*RELLAX, *SCALED, *HYBRID, *BEFORE)),
     "rellax+scaled+hybrid+before+listwise": ("rellax", (*RELLAX, *SCALED, *HYBRID, *BEFORE, *LISTWISE)),
     "reclora": ("reclora", ("llm.eval_samples=0",)),
+    # RecLoRA's user side (a personal LoRA mixed by the CRM's view of the whole history) with LLaRA's item side
+    # (the candidates' CRM embeddings before their titles) and recadapt's recipe
+    "reclora+hybrid": (
+        "llara",
+        (*SCALED, *HYBRID, *BEFORE, *LISTWISE, "llm.adapter=personal-lora", "llm.cond_history_len=60"),
+    ),
 }
 CTR = {
     "zero-shot": ("zero-shot", ()),
@@ -146,7 +152,10 @@ FULL_RANKING = {
 }
 ROWS: tuple[Row, ...] = (
     *(Row(v, label, m, o) for v in ("text", "cf") for label, (m, o) in NEXT_ITEM.items()),
-    *(Row("long", label, *NEXT_ITEM[label]) for label in ("tallrec", "llara+scaled", "reclora")),
+    *(
+        Row("long", label, *NEXT_ITEM[label])
+        for label in ("tallrec", "llara+scaled", "reclora", "reclora+hybrid")
+    ),
     *(Row("ctr", label, m, o) for label, (m, o) in CTR.items()),
     *(Row("cf", label, m, o, full_ranking=True) for label, (m, o) in FULL_RANKING.items()),
 )
