@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -145,8 +144,6 @@ def relaunch(argv: Sequence[str], processes: int, *, master_port: int | None = N
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
     command += ["--standalone"] if master_port is None else ["--master_port", str(master_port)]
     command += ["-m", "recadapt.cli", *argv]
-    if shutil.which(sys.executable) is None:  # pragma: no cover - the running interpreter always exists
-        raise FileNotFoundError(sys.executable)
     return subprocess.run(command, env=env, check=False).returncode
 
 

@@ -85,7 +85,7 @@ class LLMTrainerState:
 
 
 # scores the current adapter on validation rows (every process calls it: each scores a share); higher is better
-Validator = Callable[[nn.Module, "nn.Module | None"], float]
+Validator = Callable[[nn.Module, nn.Module | None], float]
 
 
 def _rng_state() -> dict[str, Any]:
