@@ -21,6 +21,7 @@ import torch
 from kill_at_step import KILLER
 from safetensors.torch import load_file
 from tiny_llm import save_tiny_backbone
+from torch import Tensor
 
 from recadapt.cli import main
 from recadapt.errors import ConfigError
@@ -229,6 +230,26 @@ def test_darec_trains_with_its_parts_switched(
         assert any(prefix in k for k in keys), (prefix, sorted(keys)[:10])
     for prefix in absent:
         assert not any(prefix in k for k in keys), prefix
+
+
+def test_darec_item_side_reads_the_crm_at_the_text_vectors_scale(workdir: Path) -> None:
+    """With ``model.item_cf`` the CRM table enters standardised to the text vectors' per-feature RMS: the table does
+    not depend on the CRM's embedding scale, and the collaborative part starts as large as the text part (raw, the
+    text vectors swamped it and the table could not tell synth-cf's genres apart)."""
+    from recadapt.train.fullrank import build_run
+
+    model, _, _ = build_run(_config(workdir, "darec", "darec-balance", "model.item_cf=true"), progress=False)
+    seen: list[Tensor] = []
+    model.item_cf_proj.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        table = model.item_table()
+        model.crm.item_embedding.weight.mul_(100.0)
+        model._balance_item_sources(model.crm)
+        rescaled = model.item_table()
+    torch.testing.assert_close(rescaled, table, rtol=1e-4, atol=1e-5)
+    text_rms = model.item_text.pow(2).mean().sqrt()
+    torch.testing.assert_close(seen[0].mean(0), torch.zeros_like(seen[0][0]), rtol=0, atol=1e-4)
+    torch.testing.assert_close(seen[0].std(0), text_rms.expand(seen[0].size(1)), rtol=1e-4, atol=1e-6)
 
 
 def test_darec_plan_is_validated() -> None:

@@ -10,7 +10,8 @@ adapted layer by layer for full-ranking next-item recommendation.
 - **Collaborative knowledge injection** (``cf_injection``): a trained SASRec's user vector and its embeddings of
   the ``cf_items`` most recent history items become extra key/value slots in every layer's attention.
 - **Item side** (``item_cf``, recadapt's addition, off by default): the item table also projects each item's CRM
-  embedding, so items are placed collaboratively and not only by their titles.
+  embedding (standardised to the text vectors' scale), so items are placed collaboratively and not only by
+  their titles.
 - **Dynamic adaption** (``adapter_plan``): each decoder layer gets its own adapter kind and rank (``none``,
   ``lora``, ``moe-lora`` gated by the SASRec user vector, ``bottleneck``), chosen by
   :mod:`recadapt.train.search` with Optuna; a single entry (``lora:8``) is the uniform-LoRA ablation.
@@ -154,11 +155,24 @@ class DARec(FullRankingModel):
         self.user_proj = nn.Linear(hidden, config.out_dim)
         self.item_proj = nn.Linear(item_text.size(1), config.out_dim)
         self.item_cf_proj = nn.Linear(crm.embedding_dim, config.out_dim) if config.item_cf else None
+        if config.item_cf:
+            self._balance_item_sources(crm)
         self.injector = (
             CFKeyValueInjector(crm.embedding_dim, llm.config, hidden=config.injector_hidden)
             if config.cf_injection
             else None
         )
+
+    def _balance_item_sources(self, crm: SequentialRecommender) -> None:
+        """Standardise the CRM item table (per feature) to the text vectors' per-feature RMS, so the two item
+        projections start at the same scale. Raw, the text vectors (PCA of hidden states, norm ~9.5 on SmolLM2)
+        swamp the CRM embeddings (norm ~0.6): on synth-cf the table then told genres apart no better than chance
+        and DARec ranked at most-popular although its user vectors carried the genre (benchmarks/darec_slots.py).
+        The statistics are buffers of the frozen CRM's table, taken once at build time."""
+        table = crm.item_embedding.weight[: crm.n_items].detach().float()
+        text_rms = self.item_text.pow(2).mean().sqrt()
+        self.register_buffer("item_cf_mean", table.mean(0), persistent=False)
+        self.register_buffer("item_cf_scale", text_rms / table.std(0).clamp_min(1e-6), persistent=False)
 
     def train(self, mode: bool = True) -> DARec:
         super().train(mode)
@@ -216,7 +230,8 @@ class DARec(FullRankingModel):
                 torch.no_grad()
             ):  # the input table, as the CF slots read it (and the shuffled probe permutes)
                 collaborative = self.crm.item_embedding.weight[: self.crm.n_items].float()
-            table = table + self.item_cf_proj(collaborative.to(table.device))
+            collaborative = (collaborative.to(table.device) - self.item_cf_mean) * self.item_cf_scale
+            table = table + self.item_cf_proj(collaborative)
         return table
 
     def logits(self, users: Tensor, table: Tensor) -> Tensor:
