@@ -469,6 +469,22 @@ def write(rows: list[dict[str, Any]], prefix: Path) -> None:
     plot(rows, prefix.with_suffix(".png"))
 
 
+def merged(prefix: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of ``PREFIX.csv`` with each of ``rows`` replacing the one of the same key (in its place) or
+    appended: a table built up across machines, whose run directories are not all here."""
+    path = prefix.with_suffix(".csv")
+    if not path.exists():
+        return rows
+    with open(path, newline="", encoding="utf-8") as f:
+        kept = list(csv.DictReader(f))
+    for entry in kept:  # the CSV holds text; the plot needs the numbers back
+        for key in ("value", "shuffled_value", "chance"):
+            entry[key] = float(entry[key]) if entry.get(key) else None
+    fresh = {r["row"]: r for r in rows}
+    out = [fresh.pop(entry["row"], entry) for entry in kept]
+    return out + list(fresh.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -480,6 +496,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--doc", type=Path, help="also write the table, CSV and plot to this prefix")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --doc: keep the rows already in PREFIX.csv (trained elsewhere), replacing those re-run here",
+    )
     parser.add_argument("--list", action="store_true", help="print the rows and exit")
     parser.add_argument("--table-only", action="store_true", help="tabulate the rows already trained")
     args = parser.parse_args()
@@ -508,7 +529,7 @@ def main() -> None:
     print(markdown(results), end="")
     write(results, args.out / "learnability")
     if args.doc:
-        write(results, args.doc)
+        write(merged(args.doc, results) if args.merge else results, args.doc)
         print(f"wrote {args.doc}.md, .csv, .png")
 
 
