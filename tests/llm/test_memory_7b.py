@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from benchmark_script import benchmark_module
 from transformers import LlamaConfig, LlamaForCausalLM
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_7b.py"
 
 
 @pytest.fixture(scope="module")
 def memory_7b():
-    spec = importlib.util.spec_from_file_location("memory_7b", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["memory_7b"] = module  # dataclasses look their module up while the class is built
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("memory_7b") as module:
         yield module
-    finally:
-        sys.modules.pop("memory_7b", None)
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -1,0 +1,38 @@
+"""benchmarks/learnability.py's doc table: ``--merge`` keeps rows trained elsewhere and replaces those re-run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from benchmark_script import benchmark_module
+
+
+@pytest.fixture(scope="module")
+def learnability():
+    with benchmark_module("learnability") as module:
+        yield module
+
+
+def _row(key: str, value: float, shuffled: float | None) -> dict:
+    variant = key.split("/")[0]
+    return {
+        "row": key, "method": "m", "variant": variant, "samples": 256, "steps": 32, "minutes": 1.0,
+        "metric": "HR@1", "value": value, "result": f"{value:.3f}", "sasrec": "0.8", "popular": "-",
+        "chance": 0.05, "panel": variant, "shuffled": "n/a" if shuffled is None else f"{shuffled:.3f}",
+        "shuffled_value": shuffled, "loss": "0.7", "loss_shuffled": "-", "precision": "bf16",
+    }  # fmt: skip
+
+
+def test_merge_keeps_rows_from_elsewhere_and_replaces_the_rerun_ones(learnability, tmp_path: Path) -> None:
+    prefix = tmp_path / "table"
+    learnability.write([_row("cf/a", 0.1, 0.05), _row("cf/b", 0.2, None), _row("ctr/c", 0.6, 0.5)], prefix)
+    rows = learnability.merged(prefix, [_row("cf/b", 0.7, 0.04), _row("long/d", 0.3, 0.1)])
+    assert [r["row"] for r in rows] == ["cf/a", "cf/b", "ctr/c", "long/d"]
+    assert rows[1]["value"] == 0.7 and rows[1]["shuffled_value"] == 0.04
+    assert rows[0]["value"] == pytest.approx(0.1) and rows[0]["chance"] == pytest.approx(0.05)
+    assert rows[0]["shuffled_value"] == pytest.approx(0.05)
+    learnability.write(rows, prefix)  # the numbers read back plot again
+    table = prefix.with_suffix(".md").read_text(encoding="utf-8").splitlines()[2:]
+    assert [line.split(" | ")[0].removeprefix("| ") for line in table] == [r["row"] for r in rows]
+    assert learnability.merged(tmp_path / "absent", rows[:1]) == rows[:1]
