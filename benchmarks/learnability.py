@@ -134,6 +134,19 @@ NEXT_ITEM = {
         "llara",
         (*SCALED, *HYBRID, *BEFORE, *LISTWISE, "llm.adapter=personal-lora", "llm.cond_history_len=60"),
     ),
+    # the same with the conditioning CRM's user vector (SASRec over the long history) also as a prompt token
+    "reclora+hybrid+user": (
+        "llara",
+        (
+            *SCALED,
+            *HYBRID,
+            *BEFORE,
+            *LISTWISE,
+            "llm.adapter=personal-lora",
+            "llm.cond_history_len=60",
+            "llm.user_token=true",
+        ),
+    ),
     # the same with a sharper gate (temperature 0.2, below the published 1-15): trained at temperature 1 the
     # gate stays at its near-uniform start (benchmarks/gate_spread.py), so every user gets nearly one LoRA
     "reclora+hybrid+sharp": (
@@ -187,7 +200,14 @@ ROWS: tuple[Row, ...] = (
     *(Row(v, label, m, o) for v in ("text", "cf") for label, (m, o) in NEXT_ITEM.items()),
     *(
         Row("long", label, *NEXT_ITEM[label])
-        for label in ("tallrec", "llara+scaled", "reclora", "reclora+hybrid", "reclora+hybrid+sharp")
+        for label in (
+            "tallrec",
+            "llara+scaled",
+            "reclora",
+            "reclora+hybrid",
+            "reclora+hybrid+user",
+            "reclora+hybrid+sharp",
+        )
     ),
     *(Row("ctr", label, m, o) for label, (m, o) in CTR.items()),
     *(Row("cf", label, m, o, full_ranking=True) for label, (m, o) in FULL_RANKING.items()),

@@ -14,6 +14,7 @@ from transformers import LlamaForCausalLM
 from recadapt.llm.injection import (
     CurriculumSchedule,
     HybridSchedule,
+    ItemEmbedder,
     ItemProjector,
     VocabProjector,
     anchor_token_ids,
@@ -79,6 +80,27 @@ def test_forward_with_injected_embeddings_trains_the_projector_not_the_crm(model
     assert table.grad is None
     # the placeholder's own embedding row was replaced everywhere, so it gets no gradient
     assert model.get_input_embeddings().weight.grad[PLACEHOLDER].abs().sum() == 0
+
+
+def test_user_placeholders_take_the_rows_user_vectors_through_the_same_projector() -> None:
+    """``llm.user_token``: a USER_ITEM_ID placeholder gets ``projector(users[row])``, items keep theirs, and a
+    batch holding one without user vectors is refused."""
+    from recadapt.llm.encoding import EncodedBatch
+    from recadapt.llm.prompts import USER_ITEM_ID
+
+    torch.manual_seed(0)
+    input_ids, positions, item_ids = _batch()
+    item_ids = torch.tensor([USER_ITEM_ID, 0, 3, USER_ITEM_ID, 5])
+    batch = EncodedBatch(input_ids, torch.ones_like(input_ids), None, positions, item_ids)
+    embedding = torch.nn.Embedding(VOCAB, HIDDEN)
+    table, users = torch.randn(N_ITEMS, CF_DIM), torch.randn(2, CF_DIM)
+    projector = ItemProjector(CF_DIM, HIDDEN)
+    out = ItemEmbedder(embedding, table, projector)(batch, users)
+    rows, cols = positions.unbind(1)
+    expected = projector(torch.stack([users[0], table[0], table[3], users[1], table[5]]))
+    torch.testing.assert_close(out[rows, cols], expected)
+    with pytest.raises(ValueError, match="user vector"):
+        ItemEmbedder(embedding, table, projector)(batch)
 
 
 def test_projector_shape_and_dtype() -> None:

@@ -29,6 +29,8 @@ from recadapt.llm.prompt_templates import available_domains, load_templates, par
 from recadapt.llm.prompts import (
     EVAL_TEMPLATE_INDEX,
     ITEM_TOKEN,
+    USER_ITEM_ID,
+    USER_TOKEN_TEXT,
     Prompt,
     build_ctr_prompt,
     build_next_item_prompt,
@@ -191,6 +193,19 @@ def test_placeholders_can_precede_their_titles() -> None:
     assert text_only == build_next_item_prompt(HISTORY, CANDIDATES, "movie", 0)
     with pytest.raises(ValueError, match="placement must be one of"):
         build_next_item_prompt(HISTORY, CANDIDATES, "movie", 0, placement="inside")
+
+
+def test_a_user_token_opens_the_history_of_hybrid_prompts_only() -> None:
+    """``user_token``: one more placeholder, id USER_ITEM_ID, before the first history item (in the chosen
+    placement); text-only prompts (LLaRA's curriculum steps) stay as they were."""
+    kwargs = dict(history_ids=HISTORY_IDS, candidate_ids=CANDIDATE_IDS, placement="before")
+    plain = build_next_item_prompt(HISTORY, CANDIDATES, "movie", 0, True, **kwargs)
+    with_user = build_next_item_prompt(HISTORY, CANDIDATES, "movie", 0, True, user_token=True, **kwargs)
+    assert f"{ITEM_TOKEN} {USER_TOKEN_TEXT}, {ITEM_TOKEN} Heat (1995)" in with_user.text
+    assert with_user.item_ids == (USER_ITEM_ID, *plain.item_ids)
+    assert with_user.text.count(ITEM_TOKEN) == plain.text.count(ITEM_TOKEN) + 1
+    text_only = build_next_item_prompt(HISTORY, CANDIDATES, "movie", 0, user_token=True)
+    assert text_only == build_next_item_prompt(HISTORY, CANDIDATES, "movie", 0)
 
 
 def test_prompt_arguments_are_checked() -> None:

@@ -838,6 +838,41 @@ def test_the_listwise_objective_trains_every_cf_method_and_ctr_refuses_it(workdi
         train_llm(config)
 
 
+def test_the_user_token_feeds_the_conditioning_crm_vector_into_the_prompt(workdir: Path, monkeypatch) -> None:
+    """``llm.user_token`` (LLaRA with RecLoRA's personal LoRA): every hybrid prompt, in generative and listwise
+    training and in evaluation, holds one user placeholder per row, filled from that row's CRM user vector; a
+    method or adapter without a CRM user vector refuses the field."""
+    from recadapt.llm.injection import ItemEmbedder
+    from recadapt.llm.prompts import USER_ITEM_ID
+    from recadapt.train.llm import train_llm
+
+    seen: list[tuple[int, int, bool]] = []
+    call = ItemEmbedder.__call__
+
+    def recording(self, batch, users=None):
+        rows = batch.input_ids.size(0)
+        seen.append(
+            (rows, int((batch.item_ids == USER_ITEM_ID).sum()), users is not None and len(users) == rows)
+        )
+        return call(self, batch, users)
+
+    monkeypatch.setattr(ItemEmbedder, "__call__", recording)
+    crm_run = _train_tiny_sasrec(workdir, "sasrec-user-token")
+    extra = [f"llm.crm_run={crm_run}", "llm.train_samples=8", "llm.epochs=1", "llm.eval_samples=12"]
+    extra += ["llm.eval_modes=[score]", "llm.item_placement=before", "llm.curriculum=hybrid"]
+    extra += ["llm.adapter=personal-lora", "llm.adapter_options={n_members: 2}", "llm.user_token=true"]
+    assert main(_args(workdir, "llara", "llara-user-token", *extra, "llm.objective=both")) == 0
+    assert seen and all(placeholders == rows and given for rows, placeholders, given in seen), seen
+    assert "HR@1" in _metrics(workdir / "runs" / "llara-user-token")["test"]
+    for bad in (["model.name=tallrec"], ["llm.adapter=lora"], ["llm.cond=random"]):
+        config = load_config(
+            REPO / "configs" / "llara.yaml",
+            [f"data.dataset=recbole:{FIXTURE}", "llm.adapter=personal-lora", "llm.user_token=true", *bad],
+        )
+        with pytest.raises(ConfigError, match="llm.user_token"):
+            train_llm(config)
+
+
 def test_llara_ranks_sampled_ranking_candidates_in_every_mode_and_reloads(workdir: Path, capsys) -> None:
     """Under sampled-ranking an LLM ranks the persisted leave-one-out candidates exactly as it ranks next-item's:
     every mode reports its metrics (score mode up to HR@20, the whole list) and a reloaded run reproduces them."""

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from recadapt.llm.prompts import USER_ITEM_ID
+
 if TYPE_CHECKING:
     from recadapt.llm.encoding import EncodedBatch
 
@@ -254,18 +256,27 @@ class HybridSchedule(CurriculumSchedule):
 
 @dataclass
 class ItemEmbedder:
-    """LLaRA's hybrid inputs: token embeddings with ``projector(CRM item embedding)`` at every placeholder."""
+    """LLaRA's hybrid inputs: token embeddings with ``projector(CRM item embedding)`` at every placeholder.
+
+    ``users`` [B, d_cf]: each row's CRM user vector, for the user-token placeholders (id
+    :data:`~recadapt.llm.prompts.USER_ITEM_ID`, ``llm.user_token``). They go through the same projector as the
+    items: a SASRec-style user vector lives in the CRM's item space (its scores are ``u . e_item``)."""
 
     embedding: nn.Module
     item_table: Tensor
     projector: nn.Module
 
-    def __call__(self, batch: EncodedBatch) -> Tensor:
+    def __call__(self, batch: EncodedBatch, users: Tensor | None = None) -> Tensor:
+        table, ids = self.item_table, batch.item_ids
+        is_user = ids == USER_ITEM_ID
+        if bool(is_user.any()):
+            if users is None or users.size(0) != batch.input_ids.size(0):
+                raise ValueError(
+                    "these prompts hold user-token placeholders: pass one CRM user vector per row as users="
+                )
+            n_items = table.size(0)
+            table = torch.cat([table, users.to(table.device, table.dtype)])
+            ids = torch.where(is_user, n_items + batch.item_positions[:, 0].to(ids.device), ids)
         return embed_with_items(
-            self.embedding,
-            batch.input_ids,
-            batch.item_positions,
-            batch.item_ids,
-            self.item_table,
-            self.projector,
+            self.embedding, batch.input_ids, batch.item_positions, ids, table, self.projector
         )

@@ -31,6 +31,9 @@ ITEM_TOKEN = "<|item|>"
 # (``<|item|> Title``: the title's first token then directly follows the CRM vector, as an induction copy needs)
 ITEM_PLACEMENTS = ("after", "before")
 EVAL_TEMPLATE_INDEX = 0  # LLaRA evaluates with the first template of a domain
+# the placeholder id of the user token (``llm.user_token``): the embedder fills it with the row's CRM user vector
+USER_ITEM_ID = -1
+USER_TOKEN_TEXT = "their long-term taste"
 
 _FORMATTER = string.Formatter()
 
@@ -75,11 +78,13 @@ def build_next_item_prompt(
     history_ids: Sequence[int] | None = None,
     candidate_ids: Sequence[int] | None = None,
     placement: str = "after",
+    user_token: bool = False,
 ) -> Prompt:
     """LLaRA's next-item prompt: history (oldest first) and candidates, each ``Title`` or, when ``hybrid``,
     ``Title <|item|>`` (``<|item|> Title`` with ``placement="before"``). Hybrid prompts need ``history_ids`` and
     ``candidate_ids`` (the item ids behind the titles); the returned ``item_ids`` follow the placeholders in the
-    text, whichever of history and candidates comes first.
+    text, whichever of history and candidates comes first. ``user_token`` (hybrid only): the history starts with
+    one more placeholder, ``<|item|> their long-term taste``, whose id is :data:`USER_ITEM_ID`.
     """
     templates = load_templates(domain).next_item
     if not 0 <= template_index < len(templates.templates):
@@ -87,8 +92,11 @@ def build_next_item_prompt(
             f"template_index {template_index} out of range: domain has {len(templates.templates)} templates"
         )
     sep = templates.separator
+    history = _item_pieces(history_titles, history_ids, hybrid, "history", placement)
+    if hybrid and user_token:
+        history = [*_item_pieces([USER_TOKEN_TEXT], [USER_ITEM_ID], True, "user", placement), *history]
     values = {
-        "history": _join(_item_pieces(history_titles, history_ids, hybrid, "history", placement), sep),
+        "history": _join(history, sep),
         "candidates": _join(
             _item_pieces(candidate_titles, candidate_ids, hybrid, "candidate", placement), sep
         ),

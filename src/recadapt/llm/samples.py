@@ -61,6 +61,7 @@ class PromptFactory:
         history_len: int,
         item_tags: int = 0,
         item_placement: str = "after",
+        user_token: bool = False,
     ) -> None:
         self.protocol, self.part = prepared.protocol, part
         if self.protocol not in (*CANDIDATE_PROTOCOLS, "ctr"):
@@ -79,6 +80,7 @@ class PromptFactory:
             ]
         self.history_len = history_len
         self.item_placement = item_placement  # hybrid prompts: the placeholder after or before each title
+        self.user_token = user_token  # hybrid next-item prompts: a placeholder for the CRM's user vector
         self.n_templates = len(self.domain.next_item.templates)
         self.users = self.frame["user_id"].to_numpy(np.int64)
         self.targets = self.frame["target"].to_numpy(np.int64)
@@ -150,6 +152,7 @@ class PromptFactory:
                 history_ids=history.tolist(),
                 candidate_ids=candidates.tolist(),
                 placement=self.item_placement,
+                user_token=self.user_token,
             )
         assert ratings is not None
         return build_ctr_prompt(

@@ -25,14 +25,21 @@ from recadapt.tasks.metrics import Estimate, ctr_report, mean_with_ci, ranking_r
 EVAL_CHUNK = 64  # test samples whose prompts are built (and embedded) at once
 
 
-def prompt_inputs(batch: EncodedBatch, embedder: ItemEmbedder | None, *, grad: bool = False) -> list[Tensor]:
+def prompt_inputs(
+    batch: EncodedBatch,
+    embedder: ItemEmbedder | None,
+    *,
+    grad: bool = False,
+    users: Tensor | None = None,
+) -> list[Tensor]:
     """One unpadded prompt per row: token ids, or input embeddings [T, H] for hybrid prompts (differentiable
-    with ``grad``, as the listwise objective trains the projector through them)."""
+    with ``grad``, as the listwise objective trains the projector through them; ``users``: the rows' CRM user
+    vectors, for prompts with a user token)."""
     mask = batch.attention_mask.bool()
     if embedder is None or not batch.item_ids.numel():
         return [batch.input_ids[r][mask[r]] for r in range(len(mask))]
     with torch.set_grad_enabled(grad):
-        embeds = embedder(batch)
+        embeds = embedder(batch, users)
     return [embeds[r][mask[r]] for r in range(len(mask))]
 
 
@@ -85,7 +92,7 @@ def row_outputs(
         with (
             autocast()
         ):  # the one precision rule: projection, adapter and backbone all under the run's autocast
-            inputs = prompt_inputs(samples.prompt_batch(records).to(device), embedder)
+            inputs = prompt_inputs(samples.prompt_batch(records).to(device), embedder, users=cond)
             if factory.protocol == "ctr":
                 probs.append(
                     yes_probability(model, inputs, yes_id, no_id, batch_size=batch_size, cond=cond).numpy()
@@ -189,7 +196,7 @@ def score_rows(
         device = next(model.parameters()).device
         cond = cond_source(*conditioning_inputs(records)).to(device) if cond_source is not None else None
         with autocast():
-            inputs = prompt_inputs(samples.prompt_batch(records).to(device), embedder)
+            inputs = prompt_inputs(samples.prompt_batch(records).to(device), embedder, users=cond)
             if factory.protocol == "ctr":
                 from recadapt.llm.ranking import yes_probability
 

@@ -117,6 +117,17 @@ def _check_config(config: RunConfig, llm: LLMConfig) -> None:
         kind = adapter_kind(llm.adapter)
     except ValueError as err:
         raise config.error("llm.adapter", str(err)) from None
+    if llm.user_token:
+        from recadapt.adapters import ConditionedConfig
+
+        conditioned = llm.adapter != "lora" and issubclass(kind.config, ConditionedConfig)
+        if protocol not in CANDIDATE_PROTOCOLS or not spec.hybrid or not conditioned or llm.cond != "crm":
+            raise config.error(
+                "llm.user_token",
+                "puts the CRM user vector that conditions the adapter into hybrid next-item prompts: it needs a "
+                "hybrid method (llara, ilora, rellax), a conditioned adapter with llm.cond=crm, and next-item or "
+                f"sampled-ranking (got {name}, {llm.adapter}, llm.cond={llm.cond}, {protocol})",
+            )
     if llm.gradient_checkpointing and not kind.supports_gradient_checkpointing:
         raise config.error(
             "llm.gradient_checkpointing",
@@ -243,7 +254,9 @@ def _train_llm(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any
     projector = _projector(llm, item_table, backbone, accelerator.device)
 
     started = time.time()
-    train_factory = PromptFactory(prepared, "train", domain, tc.max_len, llm.item_tags, llm.item_placement)
+    train_factory = PromptFactory(
+        prepared, "train", domain, tc.max_len, llm.item_tags, llm.item_placement, llm.user_token
+    )
     if item_vectors is not None:
         apply_retrieval(train_factory, item_vectors)
     subset = training_rows(prepared.parts["train"], data.protocol, llm.train_samples, data.split_seed)
@@ -479,7 +492,9 @@ def _evaluate_part(
         else None
     )
     domain = resolve_domain(config.data.dataset, llm.domain)
-    factory = PromptFactory(prepared, part, domain, config.train.max_len, llm.item_tags, llm.item_placement)
+    factory = PromptFactory(
+        prepared, part, domain, config.train.max_len, llm.item_tags, llm.item_placement, llm.user_token
+    )
     if item_vectors is not None:  # ReLLa evaluates on the retrieved view (recent, mixed: trained on both)
         apply_retrieval(factory, item_vectors)
     rows = evaluation_rows(len(factory), llm.eval_samples, config.data.split_seed)

@@ -159,7 +159,7 @@ def forward_loss(
     back-propagated for nothing.
     """
     if embedder is not None and batch.item_ids.numel():
-        inputs: dict[str, Tensor] = {"inputs_embeds": embedder(batch)}
+        inputs: dict[str, Tensor] = {"inputs_embeds": embedder(batch, cond)}
     else:
         inputs = {"input_ids": batch.input_ids}
     if cond is not None:
@@ -201,7 +201,7 @@ def listwise_loss(
 
     factory, encoder = samples.factory, samples.encoder
     device = next(model.parameters()).device
-    prompts = prompt_inputs(samples.prompt_batch(records).to(device), embedder, grad=True)
+    prompts = prompt_inputs(samples.prompt_batch(records).to(device), embedder, grad=True, users=cond)
     candidates = [factory.candidates[r.key.row] for r in records]
     targets = []
     for record, row_candidates in zip(records, candidates, strict=True):

@@ -201,6 +201,9 @@ class LLMConfig:
     objective: str = "generative"
     # hybrid prompts: the CRM placeholder after each title (LLaRA's "Title <|item|>") or before it
     item_placement: str = "after"
+    # hybrid next-item prompts: one more placeholder before the history, filled with the CRM user vector that
+    # conditions the adapter (recadapt's addition: RecLoRA's long-history user vector as a token, not only a gate)
+    user_token: bool = False
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05  # linear warm-up over this share of the steps, then cosine decay to 0
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
