@@ -395,9 +395,14 @@ class LLMRecommender(Recommender):
         loaded, llm = self.loaded, self.loaded.llm
         request = dataclasses.replace(self.prepared, parts={"request": self._frame(queries)})
         factory = PromptFactory(
-            request, "request", self.domain, loaded.config.train.max_len, llm.item_tags, llm.item_placement,
+            request,
+            "request",
+            self.domain,
+            loaded.config.train.max_len,
+            llm.item_tags,
+            llm.item_placement,
             llm.user_token,
-        )  # fmt: skip
+        )
         if loaded.item_vectors is not None:
             apply_retrieval(factory, loaded.item_vectors)
         scores = score_rows(
