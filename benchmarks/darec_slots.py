@@ -4,7 +4,8 @@ For a DARec run (its best weights, or ``--init`` for the freshly built model) an
 per decoder layer the RMS of the injected CF keys and values against the text's own keys and values, and then how
 much the user vector moves when the CF slots are taken from another user of the batch (relative change of the
 ``[SEQ]`` user embedding, and the cosine between the two). A vector that does not move cannot carry the CRM's
-signal, whatever the slots hold::
+signal, whatever the slots hold. On a synthetic dataset it also reads the users' and items' genres back from the
+user vectors and from the item table (nearest centroid; ``recadapt.data.synth.centroid_accuracy``)::
 
     .venv/bin/python benchmarks/darec_slots.py --run runs/learnability/runs/darec-itemcf-cf --users 64
 """
@@ -12,10 +13,13 @@ signal, whatever the slots hold::
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from recadapt.data.synth import SynthSpec, centroid_accuracy, generate
 from recadapt.tasks.fullrank import history_arrays, subset
 from recadapt.train.config import load_config
 from recadapt.train.fullrank import BEST_DIR, build_run, load_trainable
@@ -86,6 +90,23 @@ def main() -> None:
     off = ~torch.eye(len(users), dtype=torch.bool)
     print(f"\nuser vectors, CF slots of another user: relative change {change:.4f}, cosine {cosine:.4f}")
     print(f"user vectors across users: mean pairwise cosine {spread[off].mean().item():.4f}")
+    spec_file = Path(config.data.dataset.removeprefix("recbole:")).parent / "spec.json"
+    if spec_file.exists():  # a synthetic dataset: can the genre be read back from each side?
+        truth = generate(SynthSpec(**json.loads(spec_file.read_text(encoding="utf-8"))))
+        raw_users = prepared.users.set_index("user_id").raw_id
+        user_genre = np.array([truth.user_genre[int(raw_users[u][1:])] for u in rows.user_id])
+        raw_items = prepared.items.sort_values("item_id").raw_id
+        item_genre = np.array([truth.item_genre[int(r[1:])] for r in raw_items])
+        with torch.no_grad():
+            table = model.item_table().float().numpy()
+        order = np.random.default_rng(0).permutation(len(item_genre))  # items come in genre blocks
+        print(
+            f"genre from the user vectors, nearest centroid: {centroid_accuracy(users.numpy(), user_genre):.3f}"
+        )
+        print(
+            f"genre from the item table, nearest centroid: {centroid_accuracy(table[order], item_genre[order]):.3f}"
+        )
+        print(f"chance: {1 / (int(item_genre.max()) + 1):.3f}")
 
 
 def _crm_inputs(model, histories):

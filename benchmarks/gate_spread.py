@@ -27,18 +27,8 @@ from recadapt.adapters.model import CONDITIONER_PREFIX
 from recadapt.adapters.storage import ADAPTER_WEIGHTS, read_adapter_config
 from recadapt.cf.runs import CondSource, load_crm_run
 from recadapt.data.store import prepared_for
-from recadapt.data.synth import SynthSpec, generate
+from recadapt.data.synth import SynthSpec, centroid_accuracy, generate
 from recadapt.train.config import load_config
-
-
-def centroid_accuracy(vectors: np.ndarray, labels: np.ndarray) -> float:
-    """Nearest-centroid accuracy: centroids from the first half of the rows, scored on the second half."""
-    half = len(vectors) // 2
-    fit, test = slice(0, half), slice(half, None)
-    classes = np.unique(labels[fit])
-    centroids = np.stack([vectors[fit][labels[fit] == c].mean(0) for c in classes])
-    distance = ((vectors[test][:, None] - centroids[None]) ** 2).sum(-1)
-    return float((classes[distance.argmin(1)] == labels[test]).mean())
 
 
 def main() -> None:

@@ -155,3 +155,14 @@ def test_long_needs_a_longer_persisted_history_to_show_the_genre(tmp_path: Path)
         assert (share < 0.3) if most == 10 else (share > 0.4), (most, share)
     with pytest.raises(Exception, match="data.history_len"):
         DataConfig(dataset=dataset, protocol="ctr", history_len=30)
+
+
+def test_centroid_accuracy_reads_back_separable_labels_and_not_random_ones() -> None:
+    from recadapt.data.synth import centroid_accuracy
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(5, size=400)
+    separated = np.eye(5)[labels] * 10 + rng.normal(size=(400, 5))
+    assert centroid_accuracy(separated, labels) == 1.0
+    noise = rng.normal(size=(400, 5))
+    assert centroid_accuracy(noise, labels) < 0.35  # chance 0.2

@@ -150,6 +150,18 @@ def generate(spec: SynthSpec) -> Synthetic:
     return Synthetic(interactions, item_frame, item_genre, user_genre)
 
 
+def centroid_accuracy(vectors: np.ndarray, labels: np.ndarray) -> float:
+    """How well ``labels`` (e.g. the ground-truth genres) can be read back from ``vectors`` [n, d]: nearest-centroid
+    accuracy, centroids from the first half of the rows, scored on the second half (chance: 1 / classes). The
+    probes of ``benchmarks/gate_spread.py`` and ``benchmarks/darec_slots.py``."""
+    half = len(vectors) // 2
+    fit, test = slice(0, half), slice(half, None)
+    classes = np.unique(labels[fit])
+    centroids = np.stack([vectors[fit][labels[fit] == c].mean(0) for c in classes])
+    distance = ((vectors[test][:, None] - centroids[None]) ** 2).sum(-1)
+    return float((classes[distance.argmin(1)] == labels[test]).mean())
+
+
 def write_recbole(spec: SynthSpec, out_dir: str | Path) -> Path:
     """Write ``out_dir/NAME/NAME.inter`` and ``NAME.item`` (atomically) and return the dataset path to pass as
     ``--dataset recbole:PATH``. A ``spec.json`` beside them records what was generated."""
