@@ -78,7 +78,7 @@ def main() -> None:
         # the same prompts, each reading the CF slots of the next user in the batch
         rolled = [histories[(i + 1) % len(histories)] for i in range(len(histories))]
         original = model._cf_slots
-        other_users_slots = original(*_crm_inputs(model, rolled))
+        other_users_slots = original(*model.crm_inputs(rolled))
         model._cf_slots = lambda *_: other_users_slots
         try:
             swapped, _ = model.user_embeddings(histories)
@@ -107,19 +107,6 @@ def main() -> None:
             f"genre from the item table, nearest centroid: {centroid_accuracy(table[order], item_genre[order]):.3f}"
         )
         print(f"chance: {1 / (int(item_genre.max()) + 1):.3f}")
-
-
-def _crm_inputs(model, histories):
-    """(CRM history ids, CRM user vector) as DARec.user_embeddings builds them."""
-    from recadapt.data.batching import pad_histories
-
-    device = model.seq_token.device
-    crm_history = torch.from_numpy(
-        pad_histories(list(histories), model.crm.config.max_len, model.crm.n_items)
-    )
-    crm_history = crm_history.to(device)
-    user = model.crm.user_representation({"history": crm_history}).float()
-    return crm_history, user
 
 
 if __name__ == "__main__":

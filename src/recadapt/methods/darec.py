@@ -186,18 +186,22 @@ class DARec(FullRankingModel):
         mask = torch.cat([torch.ones_like(recent[:, :1]), (recent != self.crm.pad_id).long()], dim=1)
         return slots, mask
 
+    def crm_inputs(self, histories: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
+        """(the padded CRM history ids [B, max_len], the frozen CRM's user vectors [B, d]) of ``histories``."""
+        crm_history = torch.from_numpy(
+            pad_histories(list(histories), self.crm.config.max_len, self.crm.n_items)
+        ).to(self.seq_token.device)
+        with torch.no_grad():
+            user = self.crm.user_representation({"history": crm_history}).float()
+        return crm_history, user
+
     def user_embeddings(self, histories: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
         device = self.seq_token.device
         encoded = self.prompts.encode(histories).to(device)
         embeds = self.llm.get_input_embeddings()(encoded.input_ids)
         embeds, mask, index = append_token(embeds, encoded.attention_mask, encoded.lengths, self.seq_token)
         segments = F.pad(encoded.segment_ids, (0, 1))  # [SEQ] reads everything before it
-        crm_history = torch.from_numpy(
-            pad_histories(list(histories), self.crm.config.max_len, self.crm.n_items)
-        )
-        crm_history = crm_history.to(device)
-        with torch.no_grad():
-            user = self.crm.user_representation({"history": crm_history}).float()
+        crm_history, user = self.crm_inputs(histories)
         extra = {"cond": user} if self.conditioned else {}
         extra.update(output_hidden_states=True, logits_to_keep=1, use_cache=False)
         if self.injector is not None:
