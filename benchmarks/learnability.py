@@ -2,7 +2,10 @@
 
 Every synthetic variant (:mod:`recadapt.data.synth`) hides one user taste in one place: ``text`` in the titles,
 ``cf`` only in co-occurrence, ``long`` only in the history older than the prompt, ``ctr`` in Yes/No labels that
-only co-occurrence explains. This script writes the datasets, trains SASRec on each, trains the chosen LLM rows at
+only co-occurrence explains. ``long-text`` is ``long`` with titles that name their genre: the taste is still
+hidden from the prompt, but a text-only item side (the RecLoRA paper's) can read each candidate's genre.
+
+This script writes the datasets, trains SASRec on each, trains the chosen LLM rows at
 one fixed CPU budget, and then runs the **shuffled-CRM probe** on every method that reads a CRM: the same trained
 run evaluated with item ids permuted on the CRM's side (``recadapt eval RUN --shuffle-crm``). A method that uses
 its collaborative input must get worse under the probe; one that scores the same ignores it.
@@ -128,6 +131,11 @@ NEXT_ITEM = {
     "rellax+scaled+hybrid+before": ("rellax", (*RELLAX, *SCALED, *HYBRID, *BEFORE)),
     "rellax+scaled+hybrid+before+listwise": ("rellax", (*RELLAX, *SCALED, *HYBRID, *BEFORE, *LISTWISE)),
     "reclora": ("reclora", ("llm.eval_samples=0",)),
+    # the paper's RecLoRA with a sharper gate (temperature 0.2): trained at 1 its gate stays near uniform
+    "reclora+sharp": (
+        "reclora",
+        ("llm.eval_samples=0", "llm.adapter_options={n_members: 8, temperature: 0.2}"),
+    ),
     # RecLoRA's user side (a personal LoRA mixed by the CRM's view of the whole history) with LLaRA's item side
     # (the candidates' CRM embeddings before their titles) and recadapt's recipe
     "reclora+hybrid": (
@@ -209,6 +217,9 @@ ROWS: tuple[Row, ...] = (
             "reclora+hybrid+sharp",
         )
     ),
+    # the RecLoRA paper's setting: text titles (the LLM reads each candidate's genre), the taste only in the
+    # history the CRM reads; its gate is the one path from that taste to the LLM
+    *(Row("long-text", label, *NEXT_ITEM[label]) for label in ("tallrec", "reclora", "reclora+sharp")),
     *(Row("ctr", label, m, o) for label, (m, o) in CTR.items()),
     *(Row("cf", label, m, o, full_ranking=True) for label, (m, o) in FULL_RANKING.items()),
 )
@@ -259,14 +270,23 @@ def recadapt(*args: str) -> list[str]:
     ]
 
 
+# a suite variant -> (the synthetic variant, its title style): ``long-text`` is ``long`` with genre titles
+SYNTH = {"text": ("text", "auto"), "cf": ("cf", "auto"), "long": ("long", "auto"), "ctr": ("ctr", "auto")}
+SYNTH["long-text"] = ("long", "genre")
+
+
 def dataset(out: Path, variant: str) -> str:
-    folder = out / "data" / f"synth-{variant}-s0"
-    if not (folder / f"synth-{variant}-s0.inter").exists():
+    from recadapt.data.synth import SynthSpec
+
+    synth, titles = SYNTH[variant]
+    name = SynthSpec(variant=synth, titles=titles).name  # type: ignore[arg-type]
+    folder = out / "data" / name
+    if not (folder / f"{name}.inter").exists():
         run(
-            recadapt("data", "synth", "--variant", variant, "--out", str(out / "data")),
+            recadapt("data", "synth", "--variant", synth, "--titles", titles, "--out", str(out / "data")),
             out / "logs" / "data.log",
         )
-    return f"recbole:{folder / f'synth-{variant}-s0'}"
+    return f"recbole:{folder / name}"
 
 
 # `long` hides the genre in the history older than the prompt's 10 items: its split persists this many history
@@ -276,7 +296,7 @@ LONG_HISTORY = 30
 
 def common_args(out: Path, variant: str, *, crm: bool = False) -> tuple[str, ...]:
     args: tuple[str, ...] = (f"output_dir={out / 'runs'}", f"data.prepared_dir={out / 'prepared'}")
-    if variant == "long":
+    if SYNTH[variant][0] == "long":
         args += (f"data.history_len={LONG_HISTORY}",)
         if crm:
             args += (f"train.max_len={LONG_HISTORY}", f"model.max_len={LONG_HISTORY}")

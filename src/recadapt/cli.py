@@ -43,6 +43,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         n_genres=args.genres,
         items_per_genre=args.items_per_genre,
         seed=args.seed,
+        titles=args.titles,
     )
     path = write_recbole(spec, Path(args.out))
     print(f"{spec.name}: written to {path.parent}; train with --dataset recbole:{path}")
@@ -343,11 +344,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a seeded synthetic dataset whose signal is known (RecBole files): the learnability suite",
     )
     synth.add_argument("--variant", required=True, choices=["text", "cf", "long", "ctr"])
-    synth.add_argument("--out", required=True, help="folder; the dataset goes to OUT/synth-VARIANT-sSEED/")
+    synth.add_argument(
+        "--out",
+        required=True,
+        help="folder; the dataset goes to OUT/synth-VARIANT-sSEED/ "
+        "(OUT/synth-VARIANT-STYLE-titles-sSEED/ with a --titles other than the variant's own)",
+    )
     synth.add_argument("--users", type=int, default=1000)
     synth.add_argument("--genres", type=int, default=20)
     synth.add_argument("--items-per-genre", type=int, default=25)
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument(
+        "--titles",
+        default="auto",
+        choices=["auto", "genre", "random"],
+        help="genre: titles name the genre (opera tune 02); random: syllables; auto: genre for text only",
+    )
     synth.set_defaults(func=_cmd_synth)
 
     stats = data.add_parser("stats", help="users, items, interactions, density, activity distribution")

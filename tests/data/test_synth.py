@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from recadapt.cli import main
@@ -73,6 +74,27 @@ def test_titles_carry_the_genre_in_text_only(variant: str) -> None:
         assert accuracy > 0.9
     else:  # chance is 1 / 10
         assert accuracy < 0.25, f"{variant}: titles predict the genre ({accuracy:.2f})"
+
+
+@pytest.mark.parametrize(("variant", "titles"), [("long", "genre"), ("text", "random"), ("cf", "genre")])
+def test_a_title_style_changes_the_titles_and_nothing_else(variant: str, titles: str) -> None:
+    own = generate(SynthSpec(variant=variant, **SMALL))
+    other_spec = SynthSpec(variant=variant, **SMALL, titles=titles)
+    other = generate(other_spec)
+    pd.testing.assert_frame_equal(other.interactions, own.interactions)
+    accuracy = _title_classifier_accuracy(list(other.items["title"]), other.item_genre)
+    assert (accuracy > 0.9) if titles == "genre" else (accuracy < 0.25), f"{titles} titles: {accuracy:.2f}"
+    assert other_spec.name == f"synth-{variant}-{titles}-titles-s0"
+    assert SynthSpec(variant=variant, titles=own_style(variant)).name == f"synth-{variant}-s0"
+
+
+def own_style(variant: str) -> str:
+    return "genre" if variant == "text" else "random"
+
+
+def test_an_unknown_title_style_is_refused() -> None:
+    with pytest.raises(ValueError, match="titles must be one of"):
+        SynthSpec(titles="emoji")  # type: ignore[arg-type]
 
 
 def _sequences(data) -> dict[str, np.ndarray]:

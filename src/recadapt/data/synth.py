@@ -30,6 +30,8 @@ from recadapt.io import atomic_directory
 
 Variant = Literal["text", "cf", "long", "ctr"]
 VARIANTS: tuple[str, ...] = ("text", "cf", "long", "ctr")
+TitleStyle = Literal["auto", "genre", "random"]
+TITLE_STYLES: tuple[str, ...] = ("auto", "genre", "random")
 GENRE_WORDS = (
     "jazz", "opera", "blues", "techno", "reggae", "metal", "folk", "disco", "gospel", "salsa",
     "punk", "soul", "tango", "samba", "polka", "grunge", "funk", "ambient", "swing", "ska",
@@ -41,7 +43,11 @@ _SYLLABLES = tuple(c + v for c in "bdfgklmnprstvz" for v in "aeiou")
 @dataclass(frozen=True)
 class SynthSpec:
     """What to generate. ``min_items``..``max_items`` interactions per user (``long``: the older part; the
-    ``recent`` items and the final one come on top)."""
+    ``recent`` items and the final one come on top). ``titles``: ``genre`` names the item's genre
+    (``opera tune 02``), ``random`` is random syllables, ``auto`` is ``genre`` for ``text`` and ``random`` for the
+    others. The interactions do not depend on it: ``long`` with ``genre`` titles has ``long``'s sequences, with
+    the taste still hidden from the prompt's recent items but each candidate's genre readable (what RecLoRA's
+    text-only item side needs)."""
 
     variant: Variant = "cf"
     n_users: int = 1000
@@ -51,10 +57,13 @@ class SynthSpec:
     max_items: int = 16
     recent: int = 10
     seed: int = 0
+    titles: TitleStyle = "auto"
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.titles not in TITLE_STYLES:
+            raise ValueError(f"titles must be one of {TITLE_STYLES}, got {self.titles!r}")
         if not 2 <= self.n_genres <= len(GENRE_WORDS):
             raise ValueError(f"n_genres must be in [2, {len(GENRE_WORDS)}], got {self.n_genres}")
         if self.n_users < 1 or self.items_per_genre < 2 or self.recent < 1:
@@ -67,8 +76,18 @@ class SynthSpec:
             )
 
     @property
+    def title_style(self) -> str:
+        """``genre`` or ``random``: ``titles`` with ``auto`` resolved by the variant."""
+        if self.titles != "auto":
+            return self.titles
+        return "genre" if self.variant == "text" else "random"
+
+    @property
     def name(self) -> str:
-        return f"synth-{self.variant}-s{self.seed}"
+        """``synth-long-s0``; a title style other than the variant's own is named: ``synth-long-genre-titles-s0``."""
+        default = "genre" if self.variant == "text" else "random"
+        style = "" if self.title_style == default else f"-{self.title_style}-titles"
+        return f"synth-{self.variant}{style}-s{self.seed}"
 
 
 @dataclass
@@ -82,7 +101,7 @@ class Synthetic:
 
 
 def _titles(spec: SynthSpec, rng: np.random.Generator, genres: np.ndarray) -> list[str]:
-    if spec.variant == "text":
+    if spec.title_style == "genre":
         within = np.zeros(len(genres), dtype=np.int64)
         titles = []
         for i, g in enumerate(genres):
