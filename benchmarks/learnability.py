@@ -136,6 +136,11 @@ NEXT_ITEM = {
         "reclora",
         ("llm.eval_samples=0", "llm.adapter_options={n_members: 8, temperature: 0.2}"),
     ),
+    # the paper's RecLoRA with the bank drawn so that its near-uniform mix starts at a LoRA's scale
+    "reclora+mix": (
+        "reclora",
+        ("llm.eval_samples=0", "llm.adapter_options={n_members: 8, temperature: 1.0, init: mix}"),
+    ),
     # RecLoRA's user side (a personal LoRA mixed by the CRM's view of the whole history) with LLaRA's item side
     # (the candidates' CRM embeddings before their titles) and recadapt's recipe
     "reclora+hybrid": (
@@ -197,6 +202,18 @@ CTR = {
             "llm.cond_history_len=60",
         ),
     ),
+    # the same with the bank drawn so that its near-uniform mix starts at a LoRA's scale (init: mix)
+    "reclora+hybrid+mix": (
+        "ilora",
+        (
+            *SCALED,
+            *HYBRID,
+            *BEFORE,
+            "llm.adapter=personal-lora",
+            "llm.adapter_options={n_members: 8, temperature: 1.0, init: mix}",
+            "llm.cond_history_len=60",
+        ),
+    ),
 }
 # the papers' recipes (configs/*.yaml), and DARec with recadapt's collaborative item side
 FULL_RANKING = {
@@ -219,7 +236,10 @@ ROWS: tuple[Row, ...] = (
     ),
     # the RecLoRA paper's setting: text titles (the LLM reads each candidate's genre), the taste only in the
     # history the CRM reads; its gate is the one path from that taste to the LLM
-    *(Row("long-text", label, *NEXT_ITEM[label]) for label in ("tallrec", "reclora", "reclora+sharp")),
+    *(
+        Row("long-text", label, *NEXT_ITEM[label])
+        for label in ("tallrec", "reclora", "reclora+sharp", "reclora+mix")
+    ),
     *(Row("ctr", label, m, o) for label, (m, o) in CTR.items()),
     *(Row("cf", label, m, o, full_ranking=True) for label, (m, o) in FULL_RANKING.items()),
 )

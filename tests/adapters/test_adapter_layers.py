@@ -154,6 +154,22 @@ def test_personal_lora_multiplies_the_mixed_matrices_not_the_mixed_products(
     assert not torch.allclose(personal(x, mix=w), mixed_products)
 
 
+@pytest.mark.parametrize(("init", "expected_ratio"), [("member", 8**-0.5), ("mix", 1.0)])
+def test_personal_lora_init_sets_the_scale_of_the_uniform_mix(init: str, expected_ratio: float) -> None:
+    """``member`` (published): the uniform mix of 8 members' A is sqrt(8) smaller than a lone LoRA's A;
+    ``mix``: it has a LoRA's scale. B is zero either way, so the adapted layer starts as the base layer."""
+    torch.manual_seed(0)
+    wide = nn.Linear(256, 64)
+    personal = PersonalLoRALayer(wide, PersonalLoRAConfig(r=16, n_members=8, cond_dim=D, init=init))
+    lora = LoRALayer(wide, LoRAConfig(r=16))
+    uniform_mix = personal.lora_A.mean(0)
+    ratio = float(uniform_mix.std() / lora.lora_A.std())
+    assert ratio == pytest.approx(expected_ratio, rel=0.1)
+    assert not personal.lora_B.any()
+    with pytest.raises(ValueError, match="init must be"):
+        PersonalLoRAConfig(cond_dim=D, init="xavier")
+
+
 def test_personal_lora_is_cf_lora_with_the_kronecker_interaction(base: nn.Linear, x: torch.Tensor) -> None:
     """ReLLaX's decomposed view of RecLoRA: the bank stacked into one rank N*r LoRA with G = (w w^T) kron I."""
     n = 3

@@ -20,7 +20,12 @@ from recadapt.adapters.base import AdapterLayer, ConditionedConfig, cast_like, k
 class PersonalLoRAConfig(ConditionedConfig):
     """``n_members`` meta-LoRAs of rank ``r`` each (published: 8 or 16); the gate is LayerNorm ->
     Linear(-> ``gate_hidden``) -> ReLU -> Dropout(``gate_dropout``) -> Linear(-> N_m), divided by
-    ``temperature`` (published: 1, 5, 10 or 15) before the softmax."""
+    ``temperature`` (published: 1, 5, 10 or 15) before the softmax.
+
+    ``init``: ``member`` (published) draws each member's A like a lone LoRA's, so the mix of N_m independent
+    members that a near-uniform gate forms starts sqrt(N_m) times smaller than a LoRA's A and the user's LoRA
+    learns that much slower at first; ``mix`` draws the members sqrt(N_m) wider, so the uniform mix starts at a
+    LoRA's scale (what ``moe-lora`` gets by construction). B starts at 0 either way: the model starts unchanged."""
 
     kind: ClassVar[str] = "personal-lora"
 
@@ -28,6 +33,7 @@ class PersonalLoRAConfig(ConditionedConfig):
     gate_hidden: int = 60
     gate_dropout: float = 0.1
     temperature: float = 1.0
+    init: str = "member"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -39,6 +45,8 @@ class PersonalLoRAConfig(ConditionedConfig):
             raise ValueError(f"gate_dropout must be in [0, 1), got {self.gate_dropout}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.init not in ("member", "mix"):
+            raise ValueError(f"init must be 'member' or 'mix', got {self.init!r}")
 
 
 class PersonalLoRALayer(AdapterLayer):
@@ -55,6 +63,9 @@ class PersonalLoRALayer(AdapterLayer):
         super().__init__(base_layer, config)
         self.n_members = config.n_members
         self.lora_A = kaiming_uniform_(self.new_parameter(self.n_members, self.r, self.in_features))
+        if config.init == "mix":
+            with torch.no_grad():
+                self.lora_A.mul_(self.n_members**0.5)
         self.lora_B = nn.init.zeros_(self.new_parameter(self.n_members, self.out_features, self.r))
 
     def delta(self, x: Tensor, mix: Tensor | None) -> Tensor:
