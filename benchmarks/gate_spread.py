@@ -6,7 +6,9 @@ how peaked the weights are (mean normalised entropy, 1 = uniform), how far two u
 total-variation distance), and how well the user's genre can be read back from the weights and from the CRM
 vector itself (nearest-centroid accuracy, centroids from the first half of the users, scored on the second;
 chance 1 / genres). A gate whose weights do not separate genres hands the LoRA nothing to personalise with,
-however good the CRM vector is::
+however good the CRM vector is. For ``personal-lora`` it also prints how far the trained members' B matrices are
+apart (``member_spread``: 0 = every member the same LoRA): they start at 0 and, with near-uniform weights, get
+the same gradient up to the weight, so a bank whose gate does not spread stays one LoRA::
 
     .venv/bin/python benchmarks/gate_spread.py --run runs/learnability/runs/reclora-hybrid-long-1024x128
 """
@@ -29,6 +31,18 @@ from recadapt.cf.runs import CondSource, load_crm_run
 from recadapt.data.store import prepared_for
 from recadapt.data.synth import SynthSpec, centroid_accuracy, generate
 from recadapt.train.config import load_config
+
+
+def member_spread(state: dict[str, torch.Tensor]) -> float:
+    """Mean over adapted layers of ``||B_k - mean B|| / (sqrt(N) ||mean B||)``: the members' B matrices' RMS
+    distance from their mean, relative to the mean (0: all members equal)."""
+    spreads = []
+    for key, b in state.items():
+        if key.endswith("lora_B") and b.dim() == 3:
+            b = b.float()
+            mean = b.mean(0, keepdim=True)
+            spreads.append(float((b - mean).norm() / (mean.norm().clamp_min(1e-12) * b.size(0) ** 0.5)))
+    return float(np.mean(spreads)) if spreads else float("nan")
 
 
 def main() -> None:
@@ -63,9 +77,9 @@ def main() -> None:
         if args.temperature is not None:
             adapter = replace(adapter, temperature=args.temperature)
         gate = adapter_kind(adapter.kind).conditioner(adapter)
-    else:
+    state = load_file(str(folder / ADAPTER_WEIGHTS))
+    if not args.init:
         gate = adapter_kind(adapter.kind).conditioner(adapter)
-        state = load_file(str(folder / ADAPTER_WEIGHTS))
         prefix = CONDITIONER_PREFIX
         gate.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
     gate.eval()
@@ -95,6 +109,10 @@ def main() -> None:
     print(f"| genre from the gate weights, nearest centroid | {centroid_accuracy(w, genre):.3f} |")
     print(f"| genre from the CRM user vector, nearest centroid | {centroid_accuracy(u, genre):.3f} |")
     print(f"| chance | {1 / spec.n_genres:.3f} |")
+    if adapter.kind == "personal-lora" and not args.init:
+        print(
+            f"| member_spread: members' B apart, relative to their mean (0: one LoRA) | {member_spread(state):.4f} |"
+        )
 
 
 if __name__ == "__main__":

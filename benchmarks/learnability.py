@@ -141,6 +141,15 @@ NEXT_ITEM = {
         "reclora",
         ("llm.eval_samples=0", "llm.adapter_options={n_members: 8, temperature: 1.0, init: mix}"),
     ),
+    # the paper's RecLoRA with its gate at 10x the learning rate: the members' B start at 0, so the gate's gradient
+    # starts at 0 and the members stay nearly one LoRA (benchmarks/gate_spread.py: their spread)
+    "reclora+gatelr": (
+        "reclora",
+        (
+            "llm.eval_samples=0",
+            "llm.adapter_options={n_members: 8, temperature: 1.0, conditioner_lr_scale: 10.0}",
+        ),
+    ),
     # RecLoRA's user side (a personal LoRA mixed by the CRM's view of the whole history) with LLaRA's item side
     # (the candidates' CRM embeddings before their titles) and recadapt's recipe
     "reclora+hybrid": (
@@ -238,7 +247,7 @@ ROWS: tuple[Row, ...] = (
     # history the CRM reads; its gate is the one path from that taste to the LLM
     *(
         Row("long-text", label, *NEXT_ITEM[label])
-        for label in ("tallrec", "reclora", "reclora+sharp", "reclora+mix")
+        for label in ("tallrec", "reclora", "reclora+sharp", "reclora+mix", "reclora+gatelr")
     ),
     *(Row("ctr", label, m, o) for label, (m, o) in CTR.items()),
     *(Row("cf", label, m, o, full_ranking=True) for label, (m, o) in FULL_RANKING.items()),
