@@ -77,11 +77,11 @@ def main() -> None:
         if args.temperature is not None:
             adapter = replace(adapter, temperature=args.temperature)
         gate = adapter_kind(adapter.kind).conditioner(adapter)
-    state = load_file(str(folder / ADAPTER_WEIGHTS))
+    saved = load_file(str(folder / ADAPTER_WEIGHTS))
     if not args.init:
         gate = adapter_kind(adapter.kind).conditioner(adapter)
         prefix = CONDITIONER_PREFIX
-        gate.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+        gate.load_state_dict({k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)})
     gate.eval()
     crm, crm_len = load_crm_run(llm.crm_run, prepared, config.data.dataset, torch.device("cpu"))
     source = CondSource(
@@ -111,7 +111,7 @@ def main() -> None:
     print(f"| chance | {1 / spec.n_genres:.3f} |")
     if adapter.kind == "personal-lora" and not args.init:
         print(
-            f"| member_spread: members' B apart, relative to their mean (0: one LoRA) | {member_spread(state):.4f} |"
+            f"| member_spread: members' B apart, relative to their mean (0: one LoRA) | {member_spread(saved):.4f} |"
         )
 
 
