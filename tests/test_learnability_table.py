@@ -1,4 +1,5 @@
-"""benchmarks/learnability.py's doc table: ``--merge`` keeps rows trained elsewhere and replaces those re-run."""
+"""benchmarks/learnability.py: its doc table (``--merge`` keeps rows trained elsewhere, replaces those re-run) and
+the dataset each row variant trains on."""
 
 from __future__ import annotations
 
@@ -36,3 +37,28 @@ def test_merge_keeps_rows_from_elsewhere_and_replaces_the_rerun_ones(learnabilit
     table = prefix.with_suffix(".md").read_text(encoding="utf-8").splitlines()[2:]
     assert [line.split(" | ")[0].removeprefix("| ") for line in table] == [r["row"] for r in rows]
     assert learnability.merged(tmp_path / "absent", rows[:1]) == rows[:1]
+
+
+def test_every_row_variant_names_a_synthetic_dataset_and_long_text_is_long_with_genre_titles(
+    learnability, tmp_path: Path, monkeypatch
+) -> None:
+    assert {row.variant for row in learnability.ROWS} <= set(learnability.SYNTH)
+    commands = []
+    monkeypatch.setattr(learnability, "run", lambda command, log: commands.append(command))
+    dataset = learnability.dataset(tmp_path, "long-text")
+    assert (
+        dataset
+        == f"recbole:{tmp_path / 'data' / 'synth-long-genre-titles-s0' / 'synth-long-genre-titles-s0'}"
+    )
+    assert commands[0][-7:] == [
+        "synth",
+        "--variant",
+        "long",
+        "--titles",
+        "genre",
+        "--out",
+        str(tmp_path / "data"),
+    ]
+    assert (
+        learnability.common_args(tmp_path, "long-text")[-1] == f"data.history_len={learnability.LONG_HISTORY}"
+    )
