@@ -76,17 +76,19 @@ class SynthSpec:
             )
 
     @property
+    def own_title_style(self) -> str:
+        """The variant's own title style, what ``auto`` means: ``genre`` for ``text``, ``random`` otherwise."""
+        return "genre" if self.variant == "text" else "random"
+
+    @property
     def title_style(self) -> str:
         """``genre`` or ``random``: ``titles`` with ``auto`` resolved by the variant."""
-        if self.titles != "auto":
-            return self.titles
-        return "genre" if self.variant == "text" else "random"
+        return self.own_title_style if self.titles == "auto" else self.titles
 
     @property
     def name(self) -> str:
         """``synth-long-s0``; a title style other than the variant's own is named: ``synth-long-genre-titles-s0``."""
-        default = "genre" if self.variant == "text" else "random"
-        style = "" if self.title_style == default else f"-{self.title_style}-titles"
+        style = "" if self.title_style == self.own_title_style else f"-{self.title_style}-titles"
         return f"synth-{self.variant}{style}-s{self.seed}"
 
 
