@@ -85,7 +85,9 @@ def test_a_title_style_changes_the_titles_and_nothing_else(variant: str, titles:
     accuracy = _title_classifier_accuracy(list(other.items["title"]), other.item_genre)
     assert (accuracy > 0.9) if titles == "genre" else (accuracy < 0.25), f"{titles} titles: {accuracy:.2f}"
     assert other_spec.name == f"synth-{variant}-{titles}-titles-s0"
-    own_style = "genre" if variant == "text" else "random"  # spelled out: the test states the rule, not reuses it
+    own_style = (
+        "genre" if variant == "text" else "random"
+    )  # spelled out: the test states the rule, not reuses it
     assert SynthSpec(variant=variant, titles=own_style).name == f"synth-{variant}-s0"  # type: ignore[arg-type]
 
 
