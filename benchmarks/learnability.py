@@ -136,6 +136,11 @@ NEXT_ITEM = {
         "reclora",
         ("llm.eval_samples=0", "llm.adapter_options={n_members: 8, temperature: 0.2}"),
     ),
+    # the same with the larger published bank (16 members): 8 members map several of the 20 genres to one
+    "reclora+sharp16": (
+        "reclora",
+        ("llm.eval_samples=0", "llm.adapter_options={n_members: 16, temperature: 0.2}"),
+    ),
     # the paper's RecLoRA with the bank drawn so that its near-uniform mix starts at a LoRA's scale
     "reclora+mix": (
         "reclora",
@@ -247,7 +252,23 @@ ROWS: tuple[Row, ...] = (
     # history the CRM reads; its gate is the one path from that taste to the LLM
     *(
         Row("long-text", label, *NEXT_ITEM[label])
-        for label in ("tallrec", "reclora", "reclora+sharp", "reclora+mix", "reclora+gatelr")
+        for label in (
+            "tallrec",
+            "reclora",
+            "reclora+sharp",
+            "reclora+sharp16",
+            "reclora+mix",
+            "reclora+gatelr",
+        )
+    ),
+    # `cf` at LastFM's catalogue size: does the fixed path survive 4,600 items at this budget?
+    *(
+        Row("cf-large", label, *NEXT_ITEM[label])
+        for label in (
+            "tallrec",
+            "llara+scaled+hybrid+before+listwise",
+            "rellax+scaled+hybrid+before+listwise",
+        )
     ),
     *(Row("ctr", label, m, o) for label, (m, o) in CTR.items()),
     *(Row("cf", label, m, o, full_ranking=True) for label, (m, o) in FULL_RANKING.items()),
@@ -299,22 +320,28 @@ def recadapt(*args: str) -> list[str]:
     ]
 
 
-# a suite variant -> (the synthetic variant, its title style): ``long-text`` is ``long`` with genre titles
-SYNTH = {"text": ("text", "auto"), "cf": ("cf", "auto"), "long": ("long", "auto"), "ctr": ("ctr", "auto")}
-SYNTH["long-text"] = ("long", "genre")
+# a suite variant -> the synthetic dataset (`recadapt data synth` options): ``long-text`` is ``long`` with genre
+# titles; ``cf-large`` is ``cf`` with LastFM's catalogue size (4,600 items) and 4x the users, so SASRec still
+# sees each item in ~13 sequences: it tells a catalogue too large for the LLM's budget from a weak CRM
+SYNTH: dict[str, dict[str, Any]] = {v: {"variant": v} for v in ("text", "cf", "long", "ctr")}
+SYNTH["long-text"] = {"variant": "long", "titles": "genre"}
+SYNTH["cf-large"] = {"variant": "cf", "n_users": 4000, "items_per_genre": 230}
+SYNTH_FLAGS = {
+    "variant": "--variant",
+    "titles": "--titles",
+    "n_users": "--users",
+    "items_per_genre": "--items-per-genre",
+}
 
 
 def dataset(out: Path, variant: str) -> str:
     from recadapt.data.synth import SynthSpec
 
-    synth, titles = SYNTH[variant]
-    name = SynthSpec(variant=synth, titles=titles).name  # type: ignore[arg-type]
+    name = SynthSpec(**SYNTH[variant]).name
     folder = out / "data" / name
     if not (folder / f"{name}.inter").exists():
-        run(
-            recadapt("data", "synth", "--variant", synth, "--titles", titles, "--out", str(out / "data")),
-            out / "logs" / "data.log",
-        )
+        flags = [str(x) for key, value in SYNTH[variant].items() for x in (SYNTH_FLAGS[key], value)]
+        run(recadapt("data", "synth", *flags, "--out", str(out / "data")), out / "logs" / "data.log")
     return f"recbole:{folder / name}"
 
 
@@ -325,7 +352,7 @@ LONG_HISTORY = 30
 
 def common_args(out: Path, variant: str, *, crm: bool = False) -> tuple[str, ...]:
     args: tuple[str, ...] = (f"output_dir={out / 'runs'}", f"data.prepared_dir={out / 'prepared'}")
-    if SYNTH[variant][0] == "long":
+    if SYNTH[variant]["variant"] == "long":
         args += (f"data.history_len={LONG_HISTORY}",)
         if crm:
             args += (f"train.max_len={LONG_HISTORY}", f"model.max_len={LONG_HISTORY}")

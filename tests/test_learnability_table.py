@@ -39,7 +39,7 @@ def test_merge_keeps_rows_from_elsewhere_and_replaces_the_rerun_ones(learnabilit
     assert learnability.merged(tmp_path / "absent", rows[:1]) == rows[:1]
 
 
-def test_every_row_variant_names_a_synthetic_dataset_and_long_text_is_long_with_genre_titles(
+def test_every_row_variant_names_a_synthetic_dataset_written_with_its_options(
     learnability, tmp_path: Path, monkeypatch
 ) -> None:
     assert {row.variant for row in learnability.ROWS} <= set(learnability.SYNTH)
@@ -62,3 +62,6 @@ def test_every_row_variant_names_a_synthetic_dataset_and_long_text_is_long_with_
     assert (
         learnability.common_args(tmp_path, "long-text")[-1] == f"data.history_len={learnability.LONG_HISTORY}"
     )
+    large = learnability.dataset(tmp_path, "cf-large")
+    assert large.endswith("synth-cf-4000u-20x230-s0/synth-cf-4000u-20x230-s0")
+    assert commands[1][-8:-1] == ["--variant", "cf", "--users", "4000", "--items-per-genre", "230", "--out"]

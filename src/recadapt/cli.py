@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         required=True,
         help="folder; the dataset goes to OUT/synth-VARIANT-sSEED/ "
-        "(OUT/synth-VARIANT-STYLE-titles-sSEED/ with a --titles other than the variant's own)",
+        "(OUT/synth-VARIANT-STYLE-titles-sSEED/ with a --titles other than the variant's own; sizes other "
+        "than the defaults are named too: OUT/synth-cf-4000u-20x230-s0/)",
     )
     synth.add_argument("--users", type=int, default=1000)
     synth.add_argument("--genres", type=int, default=20)

@@ -84,11 +84,18 @@ def test_a_title_style_changes_the_titles_and_nothing_else(variant: str, titles:
     pd.testing.assert_frame_equal(other.interactions, own.interactions)
     accuracy = _title_classifier_accuracy(list(other.items["title"]), other.item_genre)
     assert (accuracy > 0.9) if titles == "genre" else (accuracy < 0.25), f"{titles} titles: {accuracy:.2f}"
-    assert other_spec.name == f"synth-{variant}-{titles}-titles-s0"
+    assert other_spec.name == f"synth-{variant}-{titles}-titles-300u-10x20-s0"
     own_style = (
         "genre" if variant == "text" else "random"
     )  # spelled out: the test states the rule, not reuses it
     assert SynthSpec(variant=variant, titles=own_style).name == f"synth-{variant}-s0"  # type: ignore[arg-type]
+
+
+def test_sizes_other_than_the_defaults_are_named() -> None:
+    """Two sizes of one variant must not share a folder (the suite's ``cf`` and ``cf-large``)."""
+    assert SynthSpec(variant="cf").name == "synth-cf-s0"
+    assert SynthSpec(variant="cf", n_users=4000, items_per_genre=230).name == "synth-cf-4000u-20x230-s0"
+    assert SynthSpec(variant="ctr", n_genres=10, seed=2).name == "synth-ctr-1000u-10x25-s2"
 
 
 def test_an_unknown_title_style_is_refused() -> None:
@@ -149,7 +156,7 @@ def test_the_cli_writes_a_dataset_the_protocols_read(tmp_path: Path, capsys) -> 
         main(["data", "synth", "--variant", "ctr", "--out", str(tmp_path), "--users", "200", "--genres", "5"])
         == 0
     )
-    path = tmp_path / "synth-ctr-s0" / "synth-ctr-s0"
+    path = tmp_path / "synth-ctr-200u-5x25-s0" / "synth-ctr-200u-5x25-s0"
     assert f"--dataset recbole:{path}" in capsys.readouterr().out
     dataset = load_dataset(f"recbole:{path}")
     assert dataset.interactions["user_id"].nunique() == 200 and len(dataset.items) == 5 * 25

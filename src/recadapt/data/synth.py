@@ -87,8 +87,13 @@ class SynthSpec:
 
     @property
     def name(self) -> str:
-        """``synth-long-s0``; a title style other than the variant's own is named: ``synth-long-genre-titles-s0``."""
+        """``synth-long-s0``; what differs from the defaults is named, so variants share one folder:
+        ``synth-long-genre-titles-s0``, ``synth-cf-4000u-20x230-s0`` (users, genres x items per genre)."""
         style = "" if self.title_style == self.own_title_style else f"-{self.title_style}-titles"
+        default = SynthSpec(variant=self.variant)
+        sizes = (self.n_users, self.n_genres, self.items_per_genre)
+        if sizes != (default.n_users, default.n_genres, default.items_per_genre):
+            style += f"-{self.n_users}u-{self.n_genres}x{self.items_per_genre}"
         return f"synth-{self.variant}{style}-s{self.seed}"
 
 
