@@ -235,40 +235,32 @@ FULL_RANKING = {
     "darec": ("darec", ()),
     "darec+itemcf": ("darec", ("model.item_cf=true",)),
 }
+
+
+def next_item_rows(variant: str, *labels: str) -> tuple[Row, ...]:
+    """``variant``'s rows for some of the next-item labels."""
+    return tuple(Row(variant, label, *NEXT_ITEM[label]) for label in labels)
+
+
 ROWS: tuple[Row, ...] = (
     *(Row(v, label, m, o) for v in ("text", "cf") for label, (m, o) in NEXT_ITEM.items()),
-    *(
-        Row("long", label, *NEXT_ITEM[label])
-        for label in (
-            "tallrec",
-            "llara+scaled",
-            "reclora",
-            "reclora+hybrid",
-            "reclora+hybrid+user",
-            "reclora+hybrid+sharp",
-        )
+    *next_item_rows(
+        "long",
+        "tallrec",
+        "llara+scaled",
+        "reclora",
+        "reclora+hybrid",
+        "reclora+hybrid+user",
+        "reclora+hybrid+sharp",
     ),
     # the RecLoRA paper's setting: text titles (the LLM reads each candidate's genre), the taste only in the
     # history the CRM reads; its gate is the one path from that taste to the LLM
-    *(
-        Row("long-text", label, *NEXT_ITEM[label])
-        for label in (
-            "tallrec",
-            "reclora",
-            "reclora+sharp",
-            "reclora+sharp16",
-            "reclora+mix",
-            "reclora+gatelr",
-        )
+    *next_item_rows(
+        "long-text", "tallrec", "reclora", "reclora+sharp", "reclora+sharp16", "reclora+mix", "reclora+gatelr"
     ),
     # `cf` at LastFM's catalogue size: does the fixed path survive 4,600 items at this budget?
-    *(
-        Row("cf-large", label, *NEXT_ITEM[label])
-        for label in (
-            "tallrec",
-            "llara+scaled+hybrid+before+listwise",
-            "rellax+scaled+hybrid+before+listwise",
-        )
+    *next_item_rows(
+        "cf-large", "tallrec", "llara+scaled+hybrid+before+listwise", "rellax+scaled+hybrid+before+listwise"
     ),
     *(Row("ctr", label, m, o) for label, (m, o) in CTR.items()),
     *(Row("cf", label, m, o, full_ranking=True) for label, (m, o) in FULL_RANKING.items()),
