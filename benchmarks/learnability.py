@@ -249,6 +249,7 @@ ROWS: tuple[Row, ...] = (
         "tallrec",
         "llara+scaled",
         "reclora",
+        "reclora+sharp16",
         "reclora+hybrid",
         "reclora+hybrid+user",
         "reclora+hybrid+sharp",
