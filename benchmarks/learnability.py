@@ -4,6 +4,7 @@ Every synthetic variant (:mod:`recadapt.data.synth`) hides one user taste in one
 ``cf`` only in co-occurrence, ``long`` only in the history older than the prompt, ``ctr`` in Yes/No labels that
 only co-occurrence explains. ``long-text`` is ``long`` with titles that name their genre: the taste is still
 hidden from the prompt, but a text-only item side (the RecLoRA paper's) can read each candidate's genre.
+``cf-large`` is ``cf`` with LastFM's catalogue size (20 genres x 230 items) and 4,000 users.
 
 This script writes the datasets, trains SASRec on each, trains the chosen LLM rows at
 one fixed CPU budget, and then runs the **shuffled-CRM probe** on every method that reads a CRM: the same trained
