@@ -142,6 +142,11 @@ NEXT_ITEM = {
         "reclora",
         ("llm.eval_samples=0", "llm.adapter_options={n_members: 16, temperature: 0.2}"),
     ),
+    # the same, a second training seed (same data, samples and CRM)
+    "reclora+sharp16+seed1": (
+        "reclora",
+        ("llm.eval_samples=0", "llm.adapter_options={n_members: 16, temperature: 0.2}", "train.seed=1"),
+    ),
     # the paper's RecLoRA with the bank drawn so that its near-uniform mix starts at a LoRA's scale
     "reclora+mix": (
         "reclora",
@@ -258,7 +263,14 @@ ROWS: tuple[Row, ...] = (
     # the RecLoRA paper's setting: text titles (the LLM reads each candidate's genre), the taste only in the
     # history the CRM reads; its gate is the one path from that taste to the LLM
     *next_item_rows(
-        "long-text", "tallrec", "reclora", "reclora+sharp", "reclora+sharp16", "reclora+mix", "reclora+gatelr"
+        "long-text",
+        "tallrec",
+        "reclora",
+        "reclora+sharp",
+        "reclora+sharp16",
+        "reclora+sharp16+seed1",
+        "reclora+mix",
+        "reclora+gatelr",
     ),
     # `cf` at LastFM's catalogue size: does the fixed path survive 4,600 items at this budget?
     *next_item_rows(
