@@ -328,7 +328,7 @@ def recadapt(*args: str) -> list[str]:
 
 # a suite variant -> the synthetic dataset (`recadapt data synth` options): ``long-text`` is ``long`` with genre
 # titles; ``cf-large`` is ``cf`` with LastFM's catalogue size (4,600 items) and 4x the users, so SASRec still
-# sees each item in ~13 sequences: it tells a catalogue too large for the LLM's budget from a weak CRM
+# sees each item in ~13 sequences: a catalogue too large for the LLM's budget, with a CRM of nearly `cf`'s strength
 SYNTH: dict[str, dict[str, Any]] = {v: {"variant": v} for v in ("text", "cf", "long", "ctr")}
 SYNTH["long-text"] = {"variant": "long", "titles": "genre"}
 SYNTH["cf-large"] = {"variant": "cf", "n_users": 4000, "items_per_genre": 230}
@@ -336,7 +336,9 @@ SYNTH_FLAGS = {
     "variant": "--variant",
     "titles": "--titles",
     "n_users": "--users",
+    "n_genres": "--genres",
     "items_per_genre": "--items-per-genre",
+    "seed": "--seed",
 }
 
 

@@ -65,3 +65,15 @@ def test_every_row_variant_names_a_synthetic_dataset_written_with_its_options(
     large = learnability.dataset(tmp_path, "cf-large")
     assert large.endswith("synth-cf-4000u-20x230-s0/synth-cf-4000u-20x230-s0")
     assert commands[1][-8:-1] == ["--variant", "cf", "--users", "4000", "--items-per-genre", "230", "--out"]
+
+
+def test_every_variants_flags_make_the_dataset_it_names(learnability, tmp_path: Path, monkeypatch) -> None:
+    """The flags the suite passes to `recadapt data synth` must write the dataset whose path it returns."""
+    from recadapt.cli import main
+
+    commands = []
+    monkeypatch.setattr(learnability, "run", lambda command, log: commands.append(command))
+    for variant in learnability.SYNTH:
+        named = learnability.dataset(tmp_path, variant).removeprefix("recbole:")
+        assert main(commands[-1][commands[-1].index("data") :]) == 0
+        assert Path(f"{named}.inter").is_file(), variant

@@ -87,7 +87,7 @@ class SynthSpec:
 
     @property
     def name(self) -> str:
-        """``synth-long-s0``; what differs from the defaults is named, so variants share one folder:
+        """``synth-long-s0``; what differs from the defaults is named, so no two sizes share a folder:
         ``synth-long-genre-titles-s0``, ``synth-cf-4000u-20x230-s0`` (users, genres x items per genre)."""
         style = "" if self.title_style == self.own_title_style else f"-{self.title_style}-titles"
         default = SynthSpec(variant=self.variant)
