@@ -1,14 +1,16 @@
 """Does a gated adapter's gate tell users apart? (issue 17's measurement for RecLoRA's and iLoRA's gates)
 
 For a trained run on a synthetic dataset (``recadapt data synth``: every user has one genre), reads the gate
-(conditioner) of its saved adapter, feeds it the CRM user vectors of the test users, as training did, and prints:
+(conditioner) of its saved adapter, feeds it the CRM user vectors of the test users, as training did (with
+``llm.cond=crm-target``, the CRM's representation of each test sample's history and target), and prints:
 how peaked the weights are (mean normalised entropy, 1 = uniform), how far two users' weights are apart (mean
 total-variation distance), and how well the user's genre can be read back from the weights and from the CRM
 vector itself (nearest-centroid accuracy, centroids from the first half of the users, scored on the second;
 chance 1 / genres). A gate whose weights do not separate genres hands the LoRA nothing to personalise with,
 however good the CRM vector is. For ``personal-lora`` it also prints how far the trained members' B matrices are
 apart (``member_spread``: 0 = every member the same LoRA): they start at 0 and, with near-uniform weights, get
-the same gradient up to the weight, so a bank whose gate does not spread stays one LoRA::
+the same gradient up to the weight, so a bank whose gate does not spread stays one LoRA. On ``ctr`` it also reads
+the label (does this user like this item) from the weights and from the CRM vector::
 
     .venv/bin/python benchmarks/gate_spread.py --run runs/learnability/runs/reclora-hybrid-long-1024x128
 """
@@ -84,12 +86,17 @@ def main() -> None:
         gate.load_state_dict({k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)})
     gate.eval()
     crm, crm_len = load_crm_run(llm.crm_run, prepared, config.data.dataset, torch.device("cpu"))
+    target_aware = llm.cond == "crm-target"  # ctr: the CRM's representation of (history, target)
     source = CondSource(
-        kind="crm", dim=crm.embedding_dim, history_len=llm.cond_history_len or crm_len or 10, crm=crm
+        kind=llm.cond if target_aware else "crm",
+        dim=crm.target_representation_dim if target_aware else crm.embedding_dim,
+        history_len=llm.cond_history_len or crm_len or 10,
+        crm=crm,
     )
     histories = [np.asarray(h, dtype=np.int64) for h in rows.history]
+    query_items = rows.target.to_numpy() if target_aware else None
     with torch.no_grad():
-        users = source(rows.user_id.to_numpy(), histories)
+        users = source(rows.user_id.to_numpy(), histories, query_items)
         weights = gate(users).float()
     if weights.dim() != 2:
         raise SystemExit(f"the gate gives weights of shape {tuple(weights.shape)}; expected [users, members]")
@@ -100,7 +107,7 @@ def main() -> None:
     w, u = weights.numpy(), users.numpy()
     state = "a fresh gate" if args.init else f"{args.weights}/"
     print(
-        f"run {args.run}, {state} ({adapter.kind}, {n} members), {len(rows)} {args.part} users, {spec.n_genres} genres"
+        f"run {args.run}, {state} ({adapter.kind}, {n} members), {len(rows)} {args.part} rows, {spec.n_genres} genres"
     )
     print("| measure | value |\n|---|---|")
     print(f"| mean normalised entropy of the weights (1 = uniform) | {entropy.mean():.4f} |")
@@ -109,6 +116,12 @@ def main() -> None:
     print(f"| genre from the gate weights, nearest centroid | {centroid_accuracy(w, genre):.3f} |")
     print(f"| genre from the CRM user vector, nearest centroid | {centroid_accuracy(u, genre):.3f} |")
     print(f"| chance | {1 / spec.n_genres:.3f} |")
+    if "label" in rows:  # ctr: does the gate route by whether this user likes this item?
+        label = rows.label.to_numpy()
+        print(
+            f"| ctr label from the gate weights, nearest centroid (chance 0.5) | {centroid_accuracy(w, label):.3f} |"
+        )
+        print(f"| ctr label from the CRM vector, nearest centroid | {centroid_accuracy(u, label):.3f} |")
     if adapter.kind == "personal-lora" and not args.init:
         print(
             f"| member_spread: members' B apart, relative to their mean (0: one LoRA) | {member_spread(saved):.4f} |"

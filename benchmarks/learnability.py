@@ -61,6 +61,7 @@ class Row:
     samples: int = DEFAULT_SAMPLES
     steps: int = DEFAULT_STEPS
     full_ranking: bool = False  # Laser and DARec: the whole catalogue ranked, on the leave-one-out split
+    crm_model: str = ""  # the CRM the row reads instead of its method's default (DIN: target-aware cond)
 
     @property
     def default_budget(self) -> bool:
@@ -79,8 +80,9 @@ class Row:
 
     @property
     def crm(self) -> str:
-        """The CRM the row reads (and its reference): BERT4Rec for Laser, as in the paper; SASRec otherwise."""
-        return "bert4rec" if self.method == "laser" else "sasrec"
+        """The CRM the row reads: ``crm_model`` if set, else BERT4Rec for Laser, as in the paper, and SASRec
+        otherwise (SASRec is every row's reference)."""
+        return self.crm_model or ("bert4rec" if self.method == "laser" else "sasrec")
 
     @property
     def run_name(self) -> str:
@@ -235,6 +237,20 @@ CTR = {
         ),
     ),
 }
+# RecLoRA's gate on a target-aware CRM (DIN, standing in for the paper's SIM): the user's representation with
+# respect to the item the prompt asks about, so its LoRA can depend on whether this user likes this item
+CTR_DIN = {
+    "reclora+din": ("reclora", ("llm.eval_samples=0", "llm.cond=crm-target")),
+    "reclora+din+seed1": ("reclora", ("llm.eval_samples=0", "llm.cond=crm-target", "train.seed=1")),
+    "reclora+din+sharp16": (
+        "reclora",
+        (
+            "llm.eval_samples=0",
+            "llm.cond=crm-target",
+            "llm.adapter_options={n_members: 16, temperature: 0.2}",
+        ),
+    ),
+}
 # the papers' recipes (configs/*.yaml), and DARec with recadapt's collaborative item side
 FULL_RANKING = {
     "laser": ("laser", ()),
@@ -277,6 +293,7 @@ ROWS: tuple[Row, ...] = (
         "cf-large", "tallrec", "llara+scaled+hybrid+before+listwise", "rellax+scaled+hybrid+before+listwise"
     ),
     *(Row("ctr", label, m, o) for label, (m, o) in CTR.items()),
+    *(Row("ctr", label, m, o, crm_model="din") for label, (m, o) in CTR_DIN.items()),
     *(Row("cf", label, m, o, full_ranking=True) for label, (m, o) in FULL_RANKING.items()),
 )
 

@@ -79,12 +79,13 @@ def _log(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _train_tiny_sasrec(workdir: Path, name: str, *overrides: str) -> Path:
-    """A one-epoch 16-d SASRec on the fixture (the CRM LLaRA, iLoRA, RecLoRA and ReLLaX read); its run dir."""
+def _train_tiny_sasrec(workdir: Path, name: str, *overrides: str, model: str = "sasrec") -> Path:
+    """A one-epoch 16-d SASRec (or ``model``) on the fixture (the CRM LLaRA, iLoRA, RecLoRA and ReLLaX read);
+    its run dir."""
     from recadapt.train.crm import train_crm
 
     config = load_config(
-        REPO / "configs" / "sasrec.yaml",
+        REPO / "configs" / f"{model}.yaml",
         [
             f"data.dataset=recbole:{FIXTURE}",
             f"data.prepared_dir={workdir / 'prepared'}",
@@ -401,6 +402,59 @@ def test_reclora_mixes_meta_loras_per_user_on_ctr(workdir: Path, capsys) -> None
     capsys.readouterr()
     assert main(["eval", str(run_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ctr": metrics["test"]}
+
+
+def test_reclora_conditions_on_a_target_aware_crm_on_ctr(workdir: Path, monkeypatch, capsys) -> None:
+    """``llm.cond=crm-target``: the gate reads DIN's representation of (long history, the prompt's target), so two
+    prompts of one user about different items get different LoRAs; the run reloads, reproduces its metrics and
+    feels the shuffled probe. Next-item (the target is the answer) and a CRM without one are refused."""
+    din = _train_tiny_sasrec(
+        workdir, "din-ctr", "data.protocol=ctr", "model.max_len=20", "train.max_len=20", model="din"
+    )
+    from recadapt.cf.runs import CondSource
+
+    seen: list[tuple[np.ndarray, np.ndarray, torch.Tensor]] = []
+    call = CondSource.__call__
+
+    def spy(self, users, histories, query_items=None):
+        cond = call(self, users, histories, query_items)
+        seen.append((np.asarray(users), np.asarray(query_items), cond))
+        return cond
+
+    monkeypatch.setattr(CondSource, "__call__", spy)
+    extra = [
+        f"llm.crm_run={din}",
+        "llm.cond=crm-target",
+        "llm.adapter_options={n_members: 3, gate_hidden: 8}",
+        "llm.train_samples=16",
+        "llm.eval_samples=40",
+        "llm.checkpoint_every=50",
+        "train.max_len=3",
+    ]
+    assert main(_args(workdir, "reclora", "reclora-target", *extra, protocol="ctr")) == 0
+    users, items, cond = (np.concatenate([s[0] for s in seen]), np.concatenate([s[1] for s in seen]),
+                          torch.cat([s[2] for s in seen]))  # fmt: skip
+    assert (items >= 0).all() and cond.shape[1] == 80  # DIN's last hidden layer (mlp_hidden 200-80)
+    same_user = [(i, j) for i in range(len(users)) for j in range(i)
+                 if users[i] == users[j] and items[i] != items[j]]  # fmt: skip
+    assert same_user and all(not torch.allclose(cond[i], cond[j]) for i, j in same_user)
+    run_dir = workdir / "runs" / "reclora-target"
+    metrics = _metrics(run_dir)
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ctr": metrics["test"]}
+    assert main(["eval", str(run_dir), "--json", "--shuffle-crm"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) != {"ctr": metrics["test"]}
+    capsys.readouterr()
+    assert main(_args(workdir, "reclora", "reclora-target-ni", *extra)) == 2
+    assert (
+        "field 'llm.cond' crm-target conditions on the item a ctr prompt asks about"
+        in capsys.readouterr().err
+    )
+    sasrec = _train_tiny_sasrec(workdir, "sasrec-ctr-target", "data.protocol=ctr")
+    bad = _args(workdir, "reclora", "reclora-target-sasrec", *extra, f"llm.crm_run={sasrec}", protocol="ctr")
+    assert main(bad) == 2
+    assert "field 'llm.cond' crm-target needs a target-aware CRM run (din)" in capsys.readouterr().err
 
 
 def _spy_on_records(monkeypatch, seen) -> None:

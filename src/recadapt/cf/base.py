@@ -144,6 +144,19 @@ class SequentialRecommender(nn.Module):
         """FloatTensor[B, d]: the user vector that conditions an LLM (default: sequence representation)."""
         return self.sequence_representation(batch)
 
+    # A target-aware CRM (DIN) overrides both: a representation of the user with respect to one target item, what
+    # a CTR adapter may condition on when the label depends on the target (llm.cond=crm-target).
+    target_aware: ClassVar[bool] = False
+
+    @property
+    def target_representation_dim(self) -> int:
+        """Width of :meth:`target_representation`."""
+        raise NotImplementedError(f"{self.name} has no target-aware representation")
+
+    def target_representation(self, batch: Batch, target: Tensor) -> Tensor:
+        """FloatTensor[B, k]: the user's representation with respect to ``target`` (LongTensor[B])."""
+        raise NotImplementedError(f"{self.name} has no target-aware representation")
+
     def history_states(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Per-item states FloatTensor[B, N, d] of the history and BoolTensor[B, N] marking real positions.
 

@@ -99,6 +99,7 @@ class DIN(SequentialRecommender):
     """Target attention over the history followed by an MLP; scores each (history, candidate) pair."""
 
     name: ClassVar[str] = "din"
+    target_aware: ClassVar[bool] = True
     config_class: ClassVar[type[CRMConfig]] = DINConfig
     config: DINConfig
 
@@ -164,8 +165,25 @@ class DIN(SequentialRecommender):
         items = torch.arange(self.n_items, device=batch["history"].device)
         return self.score_candidates(batch, items.expand(batch["history"].size(0), -1))
 
+    @property
+    def target_representation_dim(self) -> int:
+        return self.mlp[-1].in_features
+
+    def target_representation(self, batch: Batch, target: Tensor) -> Tensor:
+        """FloatTensor[B, h]: the prediction MLP's last hidden layer for (history, ``target`` LongTensor[B]).
+
+        DIN's logit is a linear readout of it, so it carries what the model knows about this user and this
+        target (RecLoRA's CRM, SIM, is target-aware the same way)."""
+        history = self._recent(batch)
+        user = self.user_embedding(self.user_ids(batch)) if self.user_embedding is not None else None
+        return self.mlp[:-1](self._mlp_input(history, target[:, None], user))[:, 0]
+
     def _score(self, history: Tensor, candidates: Tensor, user: Tensor | None) -> Tensor:
         """Logits FloatTensor[B, C] for history LongTensor[B, L] and candidates LongTensor[B, C]."""
+        return self.mlp(self._mlp_input(history, candidates, user)).squeeze(-1)
+
+    def _mlp_input(self, history: Tensor, candidates: Tensor, user: Tensor | None) -> Tensor:
+        """The prediction MLP's input FloatTensor[B, C, k]: [interest, e_t, (e_user)] per candidate."""
         hist = self.item_embedding(history)  # [B, L, d]
         cand = self.item_embedding(candidates)  # [B, C, d]
 
@@ -186,7 +204,7 @@ class DIN(SequentialRecommender):
         features = [interest, cand]
         if user is not None:
             features.append(user[:, None, :].expand_as(cand))
-        return self.mlp(torch.cat(features, dim=-1)).squeeze(-1)
+        return torch.cat(features, dim=-1)
 
     def loss(self, batch: Batch) -> Tensor:
         """BCE for CTR batches; otherwise sampled softmax over the target and ``n_negatives`` other items."""

@@ -76,8 +76,10 @@ class CondSource:
     """Per-instance conditioning for a personalized adapter: ``cond`` [rows, d] from each row's user and history.
 
     ``crm``: the frozen CRM's user representation of each row's most recent ``history_len`` items (iLoRA's
-    SASRec sequence representation); ``random``: a fixed standard-normal vector per user, drawn from (seed, user)
-    (iLoRA's ablation: a gate that sees no collaborative signal).
+    SASRec sequence representation); ``crm-target``: a target-aware CRM's representation of that history with
+    respect to each row's query item (ctr's target; DIN's, standing in for RecLoRA's SIM); ``random``: a fixed
+    standard-normal vector per user, drawn from (seed, user) (iLoRA's ablation: a gate that sees no collaborative
+    signal).
     """
 
     kind: str
@@ -87,8 +89,10 @@ class CondSource:
     seed: int = 0
     item_map: np.ndarray | None = None  # item id -> the id the CRM reads instead (the shuffled-CRM probe)
 
-    def __call__(self, users: np.ndarray, histories: Sequence[np.ndarray]) -> Tensor:
-        """``users`` [rows] and each row's whole history (oldest first) -> ``cond`` [rows, dim]."""
+    def __call__(
+        self, users: np.ndarray, histories: Sequence[np.ndarray], query_items: np.ndarray | None = None
+    ) -> Tensor:
+        """``users`` [rows], each row's whole history (oldest first) and query item -> ``cond`` [rows, dim]."""
         if self.kind == "random":
             vectors = [
                 np.random.default_rng([self.seed, STREAM_COND, int(u)]).standard_normal(self.dim)
@@ -96,8 +100,12 @@ class CondSource:
             ]
             return torch.tensor(np.stack(vectors), dtype=torch.float32)
         assert self.crm is not None
+        if self.kind == "crm-target" and (query_items is None or (np.asarray(query_items) < 0).any()):
+            raise ValueError("crm-target conditioning needs every row's query item (ctr prompts have one)")
         if self.item_map is not None:
             histories = [self.item_map[np.asarray(h, dtype=np.int64)] for h in histories]
+            if query_items is not None and self.kind == "crm-target":
+                query_items = self.item_map[np.asarray(query_items, dtype=np.int64)]
         device = next(self.crm.parameters()).device
         batch = {
             "history": torch.from_numpy(
@@ -106,4 +114,7 @@ class CondSource:
             "user_id": torch.from_numpy(np.asarray(users, dtype=np.int64)).to(device),
         }
         with torch.no_grad():
+            if self.kind == "crm-target":
+                target = torch.from_numpy(np.asarray(query_items, dtype=np.int64)).to(device)
+                return self.crm.target_representation(batch, target).float()
             return self.crm.user_representation(batch).float()

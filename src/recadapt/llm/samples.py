@@ -231,6 +231,9 @@ class SampleRecord:
     n_history: int
     user: int
     history: np.ndarray
+    # the item a ctr prompt asks about (an input, like the history); -1 where the prompt lists candidates, whose
+    # answer must never reach the conditioning
+    query_item: int = -1
 
 
 class PromptDataset(torch.utils.data.Dataset):
@@ -257,7 +260,14 @@ class PromptDataset(torch.utils.data.Dataset):
             (tokens,) = self.encoder.tokenize([prompt], [answer])
             if len(tokens) <= self.max_tokens:
                 return SampleRecord(
-                    key, prompt, answer, tokens, keep, int(factory.users[row]), factory.full_histories[row]
+                    key,
+                    prompt,
+                    answer,
+                    tokens,
+                    keep,
+                    int(factory.users[row]),
+                    factory.full_histories[row],
+                    -1 if factory.ranks_candidates else int(factory.targets[row]),
                 )
             if keep == 0:
                 raise ValueError(
@@ -278,6 +288,13 @@ class PromptDataset(torch.utils.data.Dataset):
         return self.encoder.pad([r.tokens for r in records], answers=False)
 
 
-def conditioning_inputs(records: Sequence[SampleRecord]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The users and whole histories of ``records``: what a :class:`~recadapt.cf.runs.CondSource` reads."""
-    return np.array([r.user for r in records], dtype=np.int64), [r.history for r in records]
+def conditioning_inputs(
+    records: Sequence[SampleRecord],
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """The users, whole histories and query items (ctr targets, else -1) of ``records``: what a
+    :class:`~recadapt.cf.runs.CondSource` reads."""
+    return (
+        np.array([r.user for r in records], dtype=np.int64),
+        [r.history for r in records],
+        np.array([r.query_item for r in records], dtype=np.int64),
+    )

@@ -108,6 +108,11 @@ def _check_config(config: RunConfig, llm: LLMConfig) -> None:
             f"{llm.objective} ranks a sample's persisted candidates (next-item, sampled-ranking); "
             f"{protocol} trains generative",
         )
+    if llm.cond == "crm-target" and protocol != "ctr":
+        raise config.error(
+            "llm.cond",
+            f"crm-target conditions on the item a ctr prompt asks about; {protocol}'s target is the answer",
+        )
     if llm.init_lora_from and llm.adapter not in ("cf-lora", "moe-lora"):
         raise config.error(
             "llm.init_lora_from",
@@ -147,7 +152,7 @@ def _check_config(config: RunConfig, llm: LLMConfig) -> None:
                 coerce(value, hints[key], "config", dotted)
             except ConfigError as exc:
                 raise config.error(dotted, exc.message) from None
-        if kind.config.needs_cond and llm.cond == "crm" and not llm.crm_run:
+        if kind.config.needs_cond and llm.cond != "random" and not llm.crm_run:
             raise config.error(
                 "llm.crm_run",
                 f"adapter {llm.adapter} is conditioned on a CRM: name a trained CRM run",
@@ -406,8 +411,12 @@ def _collaborative_inputs(
     hybrid = spec.hybrid
     conditioned = llm.adapter != "lora" and spec.trains
     crm, crm_len = None, None
-    if llm.crm_run and (hybrid or (conditioned and llm.cond == "crm")):
+    if llm.crm_run and (hybrid or (conditioned and llm.cond != "random")):
         crm, crm_len = load_crm_run(llm.crm_run, prepared, config.data.dataset, device)
+    if conditioned and llm.cond == "crm-target" and crm is not None and not crm.target_aware:
+        raise config.error(
+            "llm.cond", f"crm-target needs a target-aware CRM run (din), {llm.crm_run} is {crm.name}"
+        )
     item_table = crm_item_table(crm) if hybrid and crm is not None else None
     item_map = None
     if shuffle_crm:
@@ -419,12 +428,17 @@ def _collaborative_inputs(
         from recadapt.adapters import ConditionedConfig, adapter_kind
 
         if issubclass(adapter_kind(llm.adapter).config, ConditionedConfig):
-            dim = int(crm.embedding_dim) if crm is not None else int(llm.adapter_options.get("cond_dim", 64))
+            if crm is None:
+                dim = int(llm.adapter_options.get("cond_dim", 64))
+            elif llm.cond == "crm-target":
+                dim = int(crm.target_representation_dim)
+            else:
+                dim = int(crm.embedding_dim)
             cond_source = CondSource(
                 kind=llm.cond,
                 dim=dim,
                 history_len=llm.cond_history_len or crm_len or TrainConfig().max_len,
-                crm=crm if llm.cond == "crm" else None,
+                crm=crm if llm.cond != "random" else None,
                 seed=config.train.seed,
                 item_map=item_map,
             )

@@ -17,7 +17,7 @@ from recadapt.errors import ConfigError
 from recadapt.methods.registry import PROTOCOLS
 
 HISTORY_VIEWS = ("recent", "retrieved", "mixed", "both")
-COND_SOURCES = ("crm", "random")
+COND_SOURCES = ("crm", "crm-target", "random")
 RANKING_MODES = ("generate", "constrained", "score")  # as recadapt.llm.ranking (not imported: it needs torch)
 PROJECTORS = ("mlp", "scaled", "vocab")  # as recadapt.llm.injection.PROJECTORS
 CURRICULA = ("linear", "hybrid")
@@ -231,7 +231,8 @@ class LLMConfig:
     # every forward is then collective, so evaluation rows are not split (docs/scaling.md)
     fsdp: bool = False
     # conditioning of a personalized adapter: crm = the CRM run's representation of the user's history (iLoRA's
-    # sequence representation), random = a fixed random vector per user (the ablation)
+    # sequence representation), crm-target = a target-aware CRM's (DIN's) representation of that history with
+    # respect to the ctr target (RecLoRA's SIM is target-aware), random = a fixed random vector per user (the ablation)
     cond: str = "crm"
     cond_history_len: int = 0  # history items the CRM reads for cond; 0: the CRM run's train.max_len
     # cf-lora / moe-lora: start A and B from a trained lora run (its directory or its final/ folder), e.g. ReLLaX
