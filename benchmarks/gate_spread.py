@@ -1,11 +1,12 @@
 """Does a gated adapter's gate tell users apart? (issue 17's measurement for RecLoRA's and iLoRA's gates)
 
 For a trained run on a synthetic dataset (``recadapt data synth``: every user has one genre), reads the gate
-(conditioner) of its saved adapter, feeds it the CRM user vectors of the test users, as training did (with
-``llm.cond=crm-target``, the CRM's representation of each test sample's history and target), and prints:
-how peaked the weights are (mean normalised entropy, 1 = uniform), how far two users' weights are apart (mean
+(conditioner) of its saved adapter, feeds it the CRM user vectors of the test rows (one per user; on ctr one per
+sample), as training did (with ``llm.cond=crm-target``, the CRM's representation of each sample's history and
+target), and prints:
+how peaked the weights are (mean normalised entropy, 1 = uniform), how far two rows' weights are apart (mean
 total-variation distance), and how well the user's genre can be read back from the weights and from the CRM
-vector itself (nearest-centroid accuracy, centroids from the first half of the users, scored on the second;
+vector itself (nearest-centroid accuracy, centroids from the first half of the rows, scored on the second;
 chance 1 / genres). A gate whose weights do not separate genres hands the LoRA nothing to personalise with,
 however good the CRM vector is. For ``personal-lora`` it also prints how far the trained members' B matrices are
 apart (``member_spread``: 0 = every member the same LoRA): they start at 0 and, with near-uniform weights, get
@@ -88,7 +89,7 @@ def main() -> None:
     crm, crm_len = load_crm_run(llm.crm_run, prepared, config.data.dataset, torch.device("cpu"))
     target_aware = llm.cond == "crm-target"  # ctr: the CRM's representation of (history, target)
     source = CondSource(
-        kind=llm.cond if target_aware else "crm",
+        kind="crm-target" if target_aware else "crm",
         dim=crm.target_representation_dim if target_aware else crm.embedding_dim,
         history_len=llm.cond_history_len or crm_len or 10,
         crm=crm,

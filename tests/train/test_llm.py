@@ -79,7 +79,7 @@ def _log(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _train_tiny_sasrec(workdir: Path, name: str, *overrides: str, model: str = "sasrec") -> Path:
+def _train_tiny_crm(workdir: Path, name: str, *overrides: str, model: str = "sasrec") -> Path:
     """A one-epoch 16-d SASRec (or ``model``) on the fixture (the CRM LLaRA, iLoRA, RecLoRA and ReLLaX read);
     its run dir."""
     from recadapt.train.crm import train_crm
@@ -297,7 +297,7 @@ def test_gradient_checkpointing_recomputes_each_layer_in_the_backward(checkpoint
 def test_llara_injects_projected_crm_embeddings(workdir: Path, monkeypatch, capsys) -> None:
     import recadapt.llm.injection as injection
 
-    _train_tiny_sasrec(workdir, "sasrec")
+    _train_tiny_crm(workdir, "sasrec")
 
     calls: list[tuple[bool, int, torch.Tensor]] = []
     embed = injection.embed_with_items
@@ -345,7 +345,7 @@ def test_ilora_trains_a_gated_moe_lora_and_reloads(workdir: Path, capsys) -> Non
     rate), and a reloaded run reproduces its metrics; the random-vector ablation runs through the same path."""
     from recadapt.adapters import MoELoRAConfig
 
-    crm_run = _train_tiny_sasrec(workdir, "sasrec-ilora")
+    crm_run = _train_tiny_crm(workdir, "sasrec-ilora")
     options = ["llm.adapter_options={n_experts: 2, gate: mlp, gate_width: 8}", "llm.projector_lr=1e-2"]
     assert main(_args(workdir, "ilora", "ilora", f"llm.crm_run={crm_run}", *options)) == 0
     run_dir = workdir / "runs" / "ilora"
@@ -382,7 +382,7 @@ def test_reclora_mixes_meta_loras_per_user_on_ctr(workdir: Path, capsys) -> None
     """RecLoRA under CTR: a CRM trained on all data conditions a bank of meta-LoRAs, the LLM trains on a few-shot
     set, the prompt keeps the short history while the CRM reads a longer one; a reloaded run reproduces it."""
 
-    crm_run = _train_tiny_sasrec(
+    crm_run = _train_tiny_crm(
         workdir, "sasrec-ctr", "data.protocol=ctr", "model.max_len=20", "train.max_len=20"
     )
     extra = [
@@ -408,7 +408,7 @@ def test_reclora_conditions_on_a_target_aware_crm_on_ctr(workdir: Path, monkeypa
     """``llm.cond=crm-target``: the gate reads DIN's representation of (long history, the prompt's target), so two
     prompts of one user about different items get different LoRAs; the run reloads, reproduces its metrics and
     feels the shuffled probe. Next-item (the target is the answer) and a CRM without one are refused."""
-    din = _train_tiny_sasrec(
+    din = _train_tiny_crm(
         workdir, "din-ctr", "data.protocol=ctr", "model.max_len=20", "train.max_len=20", model="din"
     )
     from recadapt.cf.runs import CondSource
@@ -451,7 +451,7 @@ def test_reclora_conditions_on_a_target_aware_crm_on_ctr(workdir: Path, monkeypa
         "field 'llm.cond' crm-target conditions on the item a ctr prompt asks about"
         in capsys.readouterr().err
     )
-    sasrec = _train_tiny_sasrec(workdir, "sasrec-ctr-target", "data.protocol=ctr")
+    sasrec = _train_tiny_crm(workdir, "sasrec-ctr-target", "data.protocol=ctr")
     bad = _args(workdir, "reclora", "reclora-target-sasrec", *extra, f"llm.crm_run={sasrec}", protocol="ctr")
     assert main(bad) == 2
     assert "field 'llm.cond' crm-target needs a target-aware CRM run (din)" in capsys.readouterr().err
@@ -491,7 +491,7 @@ def test_rella_and_rellax_retrieve_history_and_reload(workdir: Path, capsys, mon
     assert main(["eval", str(run_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ctr": metrics["test"]}
 
-    _train_tiny_sasrec(workdir, "sasrec-ctr-rellax", "data.protocol=ctr")
+    _train_tiny_crm(workdir, "sasrec-ctr-rellax", "data.protocol=ctr")
     crm = f"llm.crm_run={workdir / 'runs' / 'sasrec-ctr-rellax'}"
     assert (
         main(_args(workdir, "rellax", "rellax", *few_shot, "llm.retrieval_dim=8", crm, protocol="ctr")) == 0
@@ -546,7 +546,7 @@ def test_personalized_methods_run_under_the_protocol_their_paper_did_not_use(
 ) -> None:
     """iLoRA on CTR, RecLoRA and ReLLaX on next-item (beyond the papers, what users compare): each trains with
     its conditioned adapter on a CRM of that protocol, and a reloaded run reproduces its metrics."""
-    crm_run = _train_tiny_sasrec(workdir, f"sasrec-{method}-{protocol}", f"data.protocol={protocol}")
+    crm_run = _train_tiny_crm(workdir, f"sasrec-{method}-{protocol}", f"data.protocol={protocol}")
     extra = [
         f"llm.crm_run={crm_run}",
         "llm.train_samples=8",
@@ -645,6 +645,25 @@ def test_long_prompts_drop_their_oldest_history_items(workdir: Path) -> None:
     assert torch.equal(samples.prompt_batch(records).input_ids, prompts_alone.input_ids)
     with pytest.raises(ValueError, match="max_prompt_tokens"):
         PromptDataset(factory, encoder, 50)[SampleKey(rows[0])]
+
+
+@pytest.mark.parametrize("protocol", ["next-item", "ctr"])
+def test_conditioning_sees_the_ctr_target_and_never_a_next_item_answer(workdir: Path, protocol: str) -> None:
+    """What a conditioned adapter reads besides the user and history: a ctr prompt's target (an input), and for
+    prompts that list candidates nothing (-1), since their target is the answer."""
+    from recadapt.data.store import ensure_prepared
+    from recadapt.llm.encoding import ItemTokenizer
+    from recadapt.llm.samples import PromptDataset, PromptFactory, SampleKey, conditioning_inputs
+
+    prepared = ensure_prepared(f"recbole:{FIXTURE}", protocol, out_root=workdir / "prepared")
+    factory = PromptFactory(prepared, "train", "item", history_len=3)
+    records = PromptDataset(factory, ItemTokenizer(byte_tokenizer()), 4096).records(
+        [SampleKey(r) for r in range(6)]
+    )
+    users, histories, query_items = conditioning_inputs(records)
+    assert users.tolist() == factory.users[:6].tolist() and len(histories) == 6
+    expected = factory.targets[:6] if protocol == "ctr" else np.full(6, -1)
+    assert query_items.tolist() == expected.tolist()
 
 
 def test_llm_config_errors_name_the_field(tmp_path: Path, workdir: Path) -> None:
@@ -751,7 +770,7 @@ def test_trained_and_reloaded_runs_score_identically_in_each_precision(
     projected its items in bf16 and the reloaded one in fp32.) ``llm.precision`` is explicit, so the test does
     not depend on whether this CPU runs bf16 natively."""
     recorded = record_raw_scores(monkeypatch)
-    crm_run = _train_tiny_sasrec(workdir, f"sasrec-precision-{protocol}", f"data.protocol={protocol}")
+    crm_run = _train_tiny_crm(workdir, f"sasrec-precision-{protocol}", f"data.protocol={protocol}")
     run = f"{method}-{protocol}-precision-{precision}"
     extra = [f"llm.crm_run={crm_run}", f"llm.precision={precision}", "llm.train_samples=8", "llm.epochs=1"]
     extra += ["llm.eval_samples=12", "llm.eval_modes=[score]", "llm.checkpoint_every=50"]
@@ -788,7 +807,7 @@ def test_the_shuffled_crm_probe_changes_what_the_crm_feeds(
     gate input): the raw scores move, while an evaluation without it reproduces the run. Whether a trained
     method gets *worse* is what the learnability suite measures; here, that the probe reaches the model."""
     recorded = record_raw_scores(monkeypatch)
-    crm_run = _train_tiny_sasrec(workdir, f"sasrec-shuffle-{protocol}", f"data.protocol={protocol}")
+    crm_run = _train_tiny_crm(workdir, f"sasrec-shuffle-{protocol}", f"data.protocol={protocol}")
     run = f"{method}-{protocol}-shuffle"
     extra = [f"llm.crm_run={crm_run}", "llm.train_samples=8", "llm.epochs=1", "llm.eval_samples=12"]
     extra += ["llm.eval_modes=[score]", "llm.checkpoint_every=50", "llm.projector_lr=1e-2"]
@@ -813,7 +832,7 @@ def test_projector_kinds_train_reload_and_feel_the_shuffled_probe(
     the trained run's scores bit for bit, ``AnswerNLL`` is the target's per-token NLL, and the shuffled-CRM
     probe reaches the model. ``llm.curriculum=hybrid`` trains every step on hybrid prompts."""
     recorded = record_raw_scores(monkeypatch)
-    crm_run = _train_tiny_sasrec(workdir, f"sasrec-projector-{projector}")
+    crm_run = _train_tiny_crm(workdir, f"sasrec-projector-{projector}")
     run = f"llara-projector-{projector}"
     extra = [f"llm.crm_run={crm_run}", "llm.precision=no", "llm.train_samples=8", "llm.epochs=1"]
     extra += ["llm.eval_samples=12", "llm.eval_modes=[score]", "llm.checkpoint_every=50"]
@@ -873,7 +892,7 @@ def test_listwise_loss_is_the_cross_entropy_of_the_score_mode_scores(workdir: Pa
 def test_the_listwise_objective_trains_every_cf_method_and_ctr_refuses_it(workdir: Path) -> None:
     """LLaRA (item tokens), iLoRA (gate) and ReLLaX (soft prompts, retrieved history) train with
     ``llm.objective=both`` and placeholders before titles: the listwise forward carries each method's inputs."""
-    crm_run = _train_tiny_sasrec(workdir, "sasrec-listwise")
+    crm_run = _train_tiny_crm(workdir, "sasrec-listwise")
     for method, own in (("llara", []), ("ilora", []), ("rellax", ["llm.history=recent"])):
         run = f"{method}-listwise"
         extra = [f"llm.crm_run={crm_run}", "llm.train_samples=8", "llm.epochs=1", "llm.eval_samples=12"]
@@ -911,7 +930,7 @@ def test_the_user_token_feeds_the_conditioning_crm_vector_into_the_prompt(workdi
         return call(self, batch, users)
 
     monkeypatch.setattr(ItemEmbedder, "__call__", recording)
-    crm_run = _train_tiny_sasrec(workdir, "sasrec-user-token")
+    crm_run = _train_tiny_crm(workdir, "sasrec-user-token")
     extra = [f"llm.crm_run={crm_run}", "llm.train_samples=8", "llm.epochs=1", "llm.eval_samples=12"]
     extra += ["llm.eval_modes=[score]", "llm.item_placement=before", "llm.curriculum=hybrid"]
     extra += ["llm.adapter=personal-lora", "llm.adapter_options={n_members: 2}", "llm.user_token=true"]
@@ -930,7 +949,7 @@ def test_the_user_token_feeds_the_conditioning_crm_vector_into_the_prompt(workdi
 def test_llara_ranks_sampled_ranking_candidates_in_every_mode_and_reloads(workdir: Path, capsys) -> None:
     """Under sampled-ranking an LLM ranks the persisted leave-one-out candidates exactly as it ranks next-item's:
     every mode reports its metrics (score mode up to HR@20, the whole list) and a reloaded run reproduces them."""
-    crm_run = _train_tiny_sasrec(workdir, "sasrec-sampled", "data.protocol=sampled-ranking")
+    crm_run = _train_tiny_crm(workdir, "sasrec-sampled", "data.protocol=sampled-ranking")
     extra = [
         f"llm.crm_run={crm_run}",
         "llm.train_samples=8",

@@ -111,10 +111,10 @@ class CondSource:
             "history": torch.from_numpy(
                 pad_histories(list(histories), self.history_len, int(self.crm.pad_id))
             ).to(device),
-            "user_id": torch.from_numpy(np.asarray(users, dtype=np.int64)).to(device),
+            "user_id": torch.tensor(np.asarray(users, dtype=np.int64), device=device),
         }
         with torch.no_grad():
             if self.kind == "crm-target":
-                target = torch.from_numpy(np.asarray(query_items, dtype=np.int64)).to(device)
+                target = torch.tensor(np.asarray(query_items, dtype=np.int64), device=device)
                 return self.crm.target_representation(batch, target).float()
             return self.crm.user_representation(batch).float()

@@ -34,6 +34,8 @@ from recadapt.adapters.build import (
     has_adapter,
     load_weights,
 )
+from recadapt.cf.checkpoint import CONFIG_FILE as CRM_CONFIG_FILE
+from recadapt.cf.checkpoint import saved_crm_class
 from recadapt.cf.runs import CondSource, crm_item_table, load_crm_run, shuffled_item_map
 from recadapt.data.prepare import Prepared
 from recadapt.data.samplers import training_rows
@@ -113,6 +115,14 @@ def _check_config(config: RunConfig, llm: LLMConfig) -> None:
             "llm.cond",
             f"crm-target conditions on the item a ctr prompt asks about; {protocol}'s target is the answer",
         )
+    saved_crm = Path(llm.crm_run or "").expanduser() / "best"
+    if llm.cond == "crm-target" and llm.crm_run and (saved_crm / CRM_CONFIG_FILE).is_file():
+        crm_class = saved_crm_class(saved_crm)
+        if not crm_class.target_aware:
+            raise config.error(
+                "llm.cond",
+                f"crm-target needs a target-aware CRM run (din), {llm.crm_run} is {crm_class.name}",
+            )
     if llm.init_lora_from and llm.adapter not in ("cf-lora", "moe-lora"):
         raise config.error(
             "llm.init_lora_from",
@@ -413,10 +423,6 @@ def _collaborative_inputs(
     crm, crm_len = None, None
     if llm.crm_run and (hybrid or (conditioned and llm.cond != "random")):
         crm, crm_len = load_crm_run(llm.crm_run, prepared, config.data.dataset, device)
-    if conditioned and llm.cond == "crm-target" and crm is not None and not crm.target_aware:
-        raise config.error(
-            "llm.cond", f"crm-target needs a target-aware CRM run (din), {llm.crm_run} is {crm.name}"
-        )
     item_table = crm_item_table(crm) if hybrid and crm is not None else None
     item_map = None
     if shuffle_crm:
