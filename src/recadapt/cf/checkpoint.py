@@ -104,12 +104,13 @@ def load_crm(directory: str | Path, map_location: str | torch.device = "cpu") ->
     return model.to(map_location).eval()
 
 
-def saved_crm_class(directory: str | Path) -> type[SequentialRecommender]:
-    """The class of the CRM saved in ``directory``, from its ``config.json`` alone (no weights read): what a config
-    check needs before any work starts."""
+def saved_crm_class(directory: str | Path) -> type[SequentialRecommender] | None:
+    """The class of the CRM saved in ``directory``, from its ``config.json`` alone (no weights read), or None when
+    there is none: what a config check needs before any work starts."""
     from recadapt.cf import CRM_REGISTRY  # the registry imports this module
 
-    return CRM_REGISTRY[_read_config(Path(directory) / CONFIG_FILE)["name"]]
+    path = Path(directory) / CONFIG_FILE
+    return CRM_REGISTRY[_read_config(path)["name"]] if path.is_file() else None
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -34,7 +34,6 @@ from recadapt.adapters.build import (
     has_adapter,
     load_weights,
 )
-from recadapt.cf.checkpoint import CONFIG_FILE as CRM_CONFIG_FILE
 from recadapt.cf.checkpoint import saved_crm_class
 from recadapt.cf.runs import CondSource, crm_item_table, load_crm_run, shuffled_item_map
 from recadapt.data.prepare import Prepared
@@ -115,10 +114,9 @@ def _check_config(config: RunConfig, llm: LLMConfig) -> None:
             "llm.cond",
             f"crm-target conditions on the item a ctr prompt asks about; {protocol}'s target is the answer",
         )
-    saved_crm = Path(llm.crm_run or "").expanduser() / "best"
-    if llm.cond == "crm-target" and llm.crm_run and (saved_crm / CRM_CONFIG_FILE).is_file():
-        crm_class = saved_crm_class(saved_crm)
-        if not crm_class.target_aware:
+    if llm.cond == "crm-target" and llm.crm_run:
+        crm_class = saved_crm_class(Path(llm.crm_run).expanduser() / "best")
+        if crm_class is not None and not crm_class.target_aware:
             raise config.error(
                 "llm.cond",
                 f"crm-target needs a target-aware CRM run (din), {llm.crm_run} is {crm_class.name}",
